@@ -1,0 +1,596 @@
+#!/usr/bin/env python3
+"""Benchmark for the "Performance contract" in DESIGN.md.
+
+Every case times a paramctl command side by side with a baseline command (alternating runs,
+page cache warm) and reports medians, the median of per-pair time ratios and paramctl's peak
+RSS. See benchmarks/README.md.
+
+    python benchmarks/run.py [--quick] [--repeat N] [--cache-dir DIR] [--paramctl CMD]
+                             [--only CASE]...
+
+This process never imports torch: a child's ru_maxrss on Linux starts from the RSS high-water
+mark of the process that spawned it, so the parent must stay small. The reference checkpoints
+are built by a child process (`run.py --_build DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_VERSION = 1
+CACHE_NAME = f"ref-v{CACHE_VERSION}"
+MANIFEST = "MANIFEST.json"
+SEED = 20240601
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+QUICK_NOTE = "quick mode: targets are NOT enforced; only command success is checked"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Shape of a Llama-style checkpoint (bf16, untied lm_head)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+
+BIG = Spec(hidden=2048, intermediate=5504, layers=24, vocab=32000)
+SMALL = Spec(hidden=64, intermediate=172, layers=24, vocab=512)
+TINY = Spec(hidden=64, intermediate=172, layers=4, vocab=512)
+
+
+def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes in Hugging Face Llama state-dict order."""
+    h, m = spec.hidden, spec.intermediate
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (spec.vocab, h))]
+    for i in range(spec.layers):
+        p = f"model.layers.{i}"
+        shapes += [(f"{p}.self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
+        shapes += [
+            (f"{p}.mlp.gate_proj.weight", (m, h)),
+            (f"{p}.mlp.up_proj.weight", (m, h)),
+            (f"{p}.mlp.down_proj.weight", (h, m)),
+            (f"{p}.input_layernorm.weight", (h,)),
+            (f"{p}.post_attention_layernorm.weight", (h,)),
+        ]
+    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (spec.vocab, h))]
+    return shapes
+
+
+def random_bf16(shape: tuple[int, ...], index: int) -> torch.Tensor:
+    """Deterministic random finite bf16 tensor in (-2, 2) (exponent bit 7 cleared)."""
+    import numpy as np
+    import torch
+
+    n = 1
+    for d in shape:
+        n *= d
+    bits = np.random.PCG64([SEED, index]).random_raw((n + 3) // 4).view(np.uint16)[:n]
+    bits &= 0xBFFF
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).reshape(shape)
+
+
+def write_checkpoint(spec: Spec, stem: Path) -> None:
+    """Write STEM.pt (torch.save of the state dict) and STEM.safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = {name: random_bf16(shape, i) for i, (name, shape) in enumerate(tensor_shapes(spec))}
+    torch.save(state, stem.with_suffix(".pt"))
+    save_file(state, str(stem.with_suffix(".safetensors")), metadata={"format": "pt"})
+
+
+def verify_checkpoint(spec: Spec, stem: Path) -> None:
+    """Both files load, hold the expected names/shapes/dtype and bit-identical data."""
+    import torch
+    from safetensors import safe_open
+
+    expected = dict(tensor_shapes(spec))
+    pt = torch.load(stem.with_suffix(".pt"), weights_only=True, mmap=True)
+    assert list(pt) == list(expected), "pt: names differ"
+    with safe_open(str(stem.with_suffix(".safetensors")), "pt") as f:
+        assert sorted(f.keys()) == sorted(expected), "safetensors: names differ"
+        for name, shape in expected.items():
+            st = f.get_tensor(name)
+            for t in (pt[name], st):
+                assert tuple(t.shape) == shape and t.dtype == torch.bfloat16, name
+            assert torch.equal(pt[name].view(torch.int16), st.view(torch.int16)), name
+
+
+def build_main(directory: Path, quick: bool) -> int:
+    """Child-process entry point: build and verify big.* and small.* in DIRECTORY."""
+    for label, spec in (("big", TINY if quick else BIG), ("small", SMALL)):
+        t0 = time.perf_counter()
+        write_checkpoint(spec, directory / label)
+        verify_checkpoint(spec, directory / label)
+        print(
+            f"  built {label}.pt/.safetensors in {time.perf_counter() - t0:.1f} s", file=sys.stderr
+        )
+    return 0
+
+
+def manifest_for(big: Spec) -> dict[str, object]:
+    return {
+        "version": CACHE_VERSION,
+        "seed": SEED,
+        "specs": {"big": asdict(big), "small": asdict(SMALL)},
+        "tensors": {"big": len(tensor_shapes(big)), "small": len(tensor_shapes(SMALL))},
+    }
+
+
+def cache_is_valid(directory: Path, expected: dict[str, object]) -> bool:
+    try:
+        found = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    sizes = found.pop("sizes", {})
+    if found != expected or not isinstance(sizes, dict):
+        return False
+    return (
+        all(
+            (directory / name).is_file() and (directory / name).stat().st_size == size
+            for name, size in sizes.items()
+        )
+        and len(sizes) == 4
+    )
+
+
+def remove_stale_builds(cache_dir: Path) -> None:
+    """Delete temp build folders left by a build process that no longer exists."""
+    for tmp in cache_dir.glob(f".{CACHE_NAME}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_cache(cache_dir: Path, quick: bool) -> Path:
+    """Return a folder holding big.{pt,safetensors} and small.{pt,safetensors}.
+
+    Built in a temp folder by a child process, verified, given a MANIFEST.json and renamed
+    into place, so an interrupted build is never mistaken for a complete one.
+    """
+    expected = manifest_for(TINY if quick else BIG)
+    final = cache_dir / CACHE_NAME
+    if cache_is_valid(final, expected):
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(cache_dir)
+    free = shutil.disk_usage(cache_dir).free
+    if not quick and free < 9 * GIB:
+        sys.exit(f"error: {cache_dir} has {free / GIB:.1f} GiB free; need ~9 GiB")
+    tmp = cache_dir / f".{CACHE_NAME}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    print(f"building reference checkpoints in {final} ...", file=sys.stderr)
+    try:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_build", str(tmp)]
+        subprocess.run(cmd + (["--quick"] if quick else []), check=True)
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        (tmp / MANIFEST).write_text(json.dumps({**expected, "sizes": sizes}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True)
+class Run:
+    seconds: float
+    maxrss_kib: int
+    returncode: int
+    problem: str  # empty when the run is good
+
+
+def reset_rss_high_water_mark() -> None:
+    """Best effort: a spawned child's ru_maxrss starts at this process's peak RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def spawn(argv: Sequence[str], stdout: Path, stderr: Path, timeout: float) -> Run:
+    """Run ARGV once (cwd = repo root); wall time and peak RSS via os.wait4."""
+    reset_rss_high_water_mark()
+    with open(stdout, "wb") as out, open(stderr, "wb") as err:
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.Popen(
+                list(argv), cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err
+            )
+        except OSError as exc:
+            return Run(0.0, 0, -1, f"cannot start: {exc}")
+        timer = threading.Timer(timeout, os.kill, (proc.pid, signal.SIGKILL))
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        timer.cancel()
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    problem = f"exit code {code}" if code else ""
+    if code == -signal.SIGKILL and seconds >= timeout:
+        problem = f"killed after the {timeout:.0f} s timeout"
+    return Run(seconds, usage.ru_maxrss, code, problem)
+
+
+def rss_floor_mib(scratch: Path) -> float:
+    """Peak RSS reported for /bin/true: what a child inherits from this process."""
+    run = spawn(["true"], scratch / "floor.out", scratch / "floor.err", 10)
+    return run.maxrss_kib / 1024
+
+
+# --------------------------------------------------------------------------- cases
+
+LIST_ST = (
+    "import sys\n"
+    "from safetensors import safe_open\n"
+    "with safe_open(sys.argv[1], 'pt') as f:\n"
+    "    for k in f.keys():\n"
+    "        print(k, f.get_slice(k).get_shape())\n"
+)
+LIST_PT = (
+    "import sys, torch\n"
+    "sd = torch.load(sys.argv[1], weights_only=True, mmap=False)\n"
+    "[print(k, tuple(v.shape), v.dtype) for k, v in sd.items()]\n"
+)
+IMPORT_TORCH = "import torch"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    paramctl: list[str]  # arguments after the paramctl command
+    baseline: list[str]  # full argv
+    target_ratio: float | None = None
+    target_mib: float | None = None
+    source: Path | None = None  # input of a write case
+    out: Path | None = None  # file both commands write; checked, then deleted after each run
+    min_lines: int = 0  # paramctl stdout must have at least this many lines
+
+    @property
+    def informational(self) -> bool:
+        return self.target_ratio is None and self.target_mib is None
+
+
+CASE_NAMES = [
+    "list pt", "list small pt", "list safetensors", "list small safetensors",
+    "freeze pt", "freeze safetensors", "init safetensors", "list 7b module", "help",
+]  # fmt: skip
+NO_CHECKPOINT_CASES = {"list 7b module", "help"}
+
+
+def copy_command(source: str, out: Path, sync: bool) -> list[str]:
+    """`cp SOURCE OUT`, or with SYNC also fsync OUT (paramctl fsyncs what it writes)."""
+    if not sync:
+        return ["cp", source, str(out)]
+    return ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", source, str(out)]
+
+
+def make_cases(ckpt: Path, work: Path, tensors: dict[str, int], sync: bool) -> list[Case]:
+    py = sys.executable
+    big_pt, big_st = ckpt / "big.pt", ckpt / "big.safetensors"
+    out_pt, out_st = work / "OUT.pt", work / "OUT.safetensors"
+    bpt, bst = str(big_pt), str(big_st)
+    spt, sst = str(ckpt / "small.pt"), str(ckpt / "small.safetensors")
+    init_rule = "model.layers.[0-2].mlp.*=normal(std=0.02)"
+    nb, ns = tensors["big"], tensors["small"]
+    return [
+        Case("list pt", ["list", bpt, "-f", "tsv"], [py, "-c", LIST_PT, bpt],
+             0.07, 80, min_lines=nb),
+        Case("list small pt", ["list", spt, "-f", "tsv"], [py, "-c", LIST_PT, spt],
+             min_lines=ns),
+        Case("list safetensors", ["list", bst, "-f", "tsv"], [py, "-c", LIST_ST, bst],
+             0.15, 80, min_lines=nb),
+        Case("list small safetensors", ["list", sst, "-f", "tsv"], [py, "-c", LIST_ST, sst],
+             min_lines=ns),
+        Case("freeze pt", ["freeze", bpt, "model.layers.1*", "-o", str(out_pt)],
+             copy_command(bpt, out_pt, sync), 1.3, 150, source=big_pt, out=out_pt),
+        Case("freeze safetensors", ["freeze", bst, "model.layers.1*", "-o", str(out_st)],
+             copy_command(bst, out_st, sync), 1.3, 150, source=big_st, out=out_st),
+        Case("init safetensors", ["init", bst, init_rule, "--seed", "1", "-o", str(out_st)],
+             copy_command(bst, out_st, sync), 2.0, 800, source=big_st, out=out_st),
+        Case("list 7b module", ["list", "sample_models/llama.py:llama_7b", "-f", "tsv"],
+             [py, "-c", IMPORT_TORCH], 2.5, 600, min_lines=1),
+        Case("help", ["--help"], [py, "-c", IMPORT_TORCH], 0.15, None, min_lines=1),
+    ]  # fmt: skip
+
+
+def check_run(case: Case, run: Run, stdout: Path, is_paramctl: bool) -> Run:
+    """Turn an exit-0 run that did not do the job into a failed run."""
+    if run.problem:
+        return run
+    problem = ""
+    if case.out is not None and not case.out.is_file():
+        problem = f"exit 0 but {case.out.name} was not written"
+    elif case.out and case.source and case.out.stat().st_size < 0.9 * case.source.stat().st_size:
+        problem = f"exit 0 but {case.out.name} is much smaller than its source"
+    elif is_paramctl and case.min_lines:
+        with open(stdout, "rb") as f:
+            lines = sum(1 for _ in f)
+        if lines < case.min_lines:
+            problem = f"exit 0 but printed {lines} lines, expected >= {case.min_lines}"
+    return Run(run.seconds, run.maxrss_kib, run.returncode, problem)
+
+
+# --------------------------------------------------------------------------- running a case
+
+
+@dataclass
+class Result:
+    case: Case
+    pairs: list[tuple[Run, Run]] = field(default_factory=list)
+    failure: str = ""  # "command\nproblem\nstderr tail" of the first failed run
+
+    @property
+    def paramctl_median(self) -> float:
+        return statistics.median(p.seconds for p, _ in self.pairs)
+
+    @property
+    def baseline_median(self) -> float:
+        return statistics.median(b.seconds for _, b in self.pairs)
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(p.seconds / b.seconds for p, b in self.pairs)
+
+    @property
+    def peak_mib(self) -> float:
+        return max(p.maxrss_kib for p, _ in self.pairs) / 1024
+
+    def verdict(self, quick: bool) -> str:
+        if self.failure:
+            return "ERROR"
+        if quick:
+            return "ok"
+        if self.case.informational:
+            return "info"
+        c = self.case
+        bad_ratio = c.target_ratio is not None and self.ratio > c.target_ratio
+        bad_mem = c.target_mib is not None and self.peak_mib > c.target_mib
+        return "FAIL" if bad_ratio or bad_mem else "PASS"
+
+
+def describe_failure(argv: Sequence[str], run: Run, stderr: Path) -> str:
+    text = stderr.read_text(errors="replace").splitlines()
+    tail = "\n".join("    " + line for line in text[-40:]) or "    (no stderr)"
+    return f"  command: {shlex.join(argv)}\n  problem: {run.problem}\n  stderr:\n{tail}"
+
+
+def run_case(
+    case: Case, paramctl: list[str], work: Path, repeat: int, warmup: bool, timeout: float
+) -> Result:
+    """Warm-up once each, then REPEAT alternating (paramctl, baseline) pairs."""
+    result = Result(case)
+    stdout, stderr = work / "stdout", work / "stderr"
+    commands = (paramctl + case.paramctl, case.baseline)
+    for i in range(repeat + (1 if warmup else 0)):
+        pair: list[Run] = []
+        for j, argv in enumerate(commands):
+            run = spawn(argv, stdout, stderr, timeout)
+            run = check_run(case, run, stdout, is_paramctl=j == 0)
+            if case.out is not None:
+                case.out.unlink(missing_ok=True)
+            if run.problem:
+                result.failure = describe_failure(argv, run, stderr)
+                return result
+            pair.append(run)
+        if not (warmup and i == 0):
+            result.pairs.append((pair[0], pair[1]))
+    return result
+
+
+def warm_page_cache(paths: Sequence[Path]) -> None:
+    """Read each file once (small buffer: this process's RSS leaks into children's)."""
+    buf = bytearray(MIB)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def machine_info(paramctl: list[str], floor_mib: float) -> str:
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    versions = []
+    for pkg in ("torch", "safetensors", "numpy"):
+        try:
+            versions.append(f"{pkg} {importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{pkg} missing")
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    return (
+        f"# {now} | {platform.node()} {platform.machine()} | nproc {os.cpu_count()} | "
+        f"RAM {mem_kib / 1024 / 1024:.1f} GiB | Python {platform.python_version()} | "
+        f"{' | '.join(versions)}\n"
+        f"# paramctl: {shlex.join(paramctl)} | RSS floor of a child (/bin/true) "
+        f"{floor_mib:.1f} MiB"
+    )
+
+
+def cell(value: float | None, spec: str, prefix: str = "") -> str:
+    return "-" if value is None else f"{prefix}{value:{spec}}"
+
+
+def print_table(results: list[Result], quick: bool) -> None:
+    header = (
+        f"{'case':<24}{'paramctl s':>11}{'baseline s':>11}{'ratio':>8}{'target':>8}"
+        f"{'peak MiB':>10}{'target':>8}  result"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        c, ok = r.case, bool(r.pairs)
+        print(
+            f"{c.name:<24}"
+            f"{cell(r.paramctl_median if ok else None, '.3f'):>11}"
+            f"{cell(r.baseline_median if ok else None, '.3f'):>11}"
+            f"{cell(r.ratio if ok else None, '.3f'):>8}"
+            f"{cell(c.target_ratio, '.2f', '<='):>8}"
+            f"{cell(r.peak_mib if ok else None, '.1f'):>10}"
+            f"{cell(c.target_mib, '.0f', '<='):>8}"
+            f"  {r.verdict(quick)}"
+        )
+
+
+def print_growth(results: list[Result]) -> None:
+    """Show big vs small list times: list cost should not grow with data size."""
+    by_name = {r.case.name: r for r in results if r.pairs}
+    for fmt_name in ("pt", "safetensors"):
+        big, small = by_name.get(f"list {fmt_name}"), by_name.get(f"list small {fmt_name}")
+        if big and small:
+            print(
+                f"list {fmt_name}: big {big.paramctl_median:.3f} s vs small "
+                f"{small.paramctl_median:.3f} s (x{big.paramctl_median / small.paramctl_median:.2f}"
+                f"; baseline x{big.baseline_median / small.baseline_median:.2f})"
+            )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny checkpoint in a temp dir, 1 run per case, targets not enforced",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="measured pairs per case (default 5; 1 with --quick)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where the reference checkpoints are cached "
+        "(default $PARAMCTL_BENCH_DIR or ~/.cache/paramctl-bench)",
+    )
+    parser.add_argument(
+        "--paramctl", default=None, help="command that runs paramctl (default: python -m paramctl)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="CASE",
+        help=f"run only this case (repeatable): {', '.join(CASE_NAMES)}",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="kill any single command after this many seconds",
+    )
+    parser.add_argument(
+        "--sync-baseline",
+        action="store_true",
+        help="copy baselines also fsync the copy (`cp SRC OUT && sync OUT`)",
+    )
+    parser.add_argument("--_build", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.only = [" ".join(o.replace("-", " ").replace("_", " ").split()) for o in args.only]
+    unknown = sorted(set(args.only) - set(CASE_NAMES))
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {CASE_NAMES}")
+    if args.repeat is not None and args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    return args
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("PARAMCTL_BENCH_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "paramctl-bench"
+
+
+def run_all(args: argparse.Namespace, cache_dir: Path) -> int:
+    paramctl = shlex.split(args.paramctl) if args.paramctl else [sys.executable, "-m", "paramctl"]
+    repeat = args.repeat or (1 if args.quick else 5)
+    work = Path(tempfile.mkdtemp(prefix=f"work-{os.getpid()}-", dir=cache_dir))
+    try:
+        names = args.only or CASE_NAMES
+        ckpt, tensors = work, {"big": 0, "small": 0}
+        if not set(names) <= NO_CHECKPOINT_CASES:
+            ckpt = build_cache(cache_dir, args.quick)
+            tensors = json.loads((ckpt / MANIFEST).read_text())["tensors"]
+            warm_page_cache(sorted(p for p in ckpt.iterdir() if p.name != MANIFEST))
+        cases = [c for c in make_cases(ckpt, work, tensors, args.sync_baseline) if c.name in names]
+        print(machine_info(paramctl, rss_floor_mib(work)))
+        if args.quick:
+            print(f"# {QUICK_NOTE}")
+        results = []
+        for case in cases:
+            print(f"running {case.name} ...", file=sys.stderr, flush=True)
+            results.append(run_case(case, paramctl, work, repeat, not args.quick, args.timeout))
+        print_table(results, args.quick)
+        print_growth(results)
+        return report_failures(results, args.quick)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report_failures(results: list[Result], quick: bool) -> int:
+    failed = [r for r in results if r.failure]
+    for r in failed:
+        print(f"\nERROR in {r.case.name}:\n{r.failure}")
+    missed = [r.case.name for r in results if r.verdict(quick) == "FAIL"]
+    if missed:
+        print(f"\ntargets missed: {', '.join(missed)}")
+    if quick:
+        print(f"\n{QUICK_NOTE}")
+    return 1 if failed or missed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._build is not None:
+        return build_main(args._build, args.quick)
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="paramctl-bench-") as tmp:
+            return run_all(args, Path(tmp))
+    cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return run_all(args, cache_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""paramctl: look inside PyTorch models and checkpoints, and decide which parameters train.
+
+>>> import paramctl
+>>> inv = paramctl.inspect("ckpt.safetensors")          # doctest: +SKIP
+>>> paramctl.load_state_dict(model, "ckpt.pt")          # weights and frozen flags  # doctest: +SKIP
+>>> paramctl.freeze(model, ["backbone.*"])              # doctest: +SKIP
+
+Importing paramctl does not import torch; the functions that need tensors do.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Edit",
+    "Inventory",
+    "LoadResult",
+    "OpenOptions",
+    "ParamInfo",
+    "ParamctlError",
+    "__version__",
+    "apply_rules",
+    "change",
+    "freeze",
+    "frozen_names",
+    "init_params",
+    "inspect",
+    "load_state_dict",
+    "open_source",
+    "save_module",
+    "select",
+    "unfreeze",
+]
+
+_LAZY = {
+    "Edit": "paramctl.sources.base",
+    "OpenOptions": "paramctl.sources.base",
+    "open_source": "paramctl.sources.base",
+    "Inventory": "paramctl.model",
+    "ParamInfo": "paramctl.model",
+    "ParamctlError": "paramctl.errors",
+    "inspect": "paramctl.core",
+    "change": "paramctl.core",
+    "select": "paramctl.select",
+    "LoadResult": "paramctl.api",
+    "apply_rules": "paramctl.api",
+    "freeze": "paramctl.api",
+    "frozen_names": "paramctl.api",
+    "init_params": "paramctl.api",
+    "load_state_dict": "paramctl.api",
+    "save_module": "paramctl.api",
+    "unfreeze": "paramctl.api",
+}
+
+if TYPE_CHECKING:
+    from paramctl.api import (
+        LoadResult,
+        apply_rules,
+        freeze,
+        frozen_names,
+        init_params,
+        load_state_dict,
+        save_module,
+        unfreeze,
+    )
+    from paramctl.core import change, inspect
+    from paramctl.errors import ParamctlError
+    from paramctl.model import Inventory, ParamInfo
+    from paramctl.select import select
+    from paramctl.sources.base import Edit, OpenOptions, open_source
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'paramctl' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,134 @@
+"""What every command shares: option types, output format choice, error handling."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from paramctl.errors import ParamctlError, UsageError
+
+SourceArg = Annotated[str, typer.Argument(
+    help="Checkpoint (.pt .pth .bin .ckpt .safetensors), sharded index or folder, DCP folder, "
+         "or module path pkg.mod:attr / file.py:attr.", show_default=False)]
+KeyOpt = Annotated[str | None, typer.Option(
+    "--key", help="Checkpoint entry holding the state dict (dotted for nesting).")]
+StripOpt = Annotated[str | None, typer.Option(
+    "--strip-prefix", help="Show names without this prefix (e.g. 'module.').")]
+ArgOpt = Annotated[list[str] | None, typer.Option(
+    "--arg", help="key=value keyword argument for a module path (repeatable).")]
+WeightsOpt = Annotated[Path | None, typer.Option(
+    "--weights", help="Load this checkpoint into a module-path source.")]
+UnsafeOpt = Annotated[bool, typer.Option(
+    "--unsafe-load", help="Allow unpickling arbitrary objects (runs code from the file).")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Print only errors.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+HeadersOpt = Annotated[bool | None, typer.Option(
+    "--headers/--no-headers", help="Header row (and table footer); tsv has none by default.",
+    show_default=False)]
+OutOpt = Annotated[Path | None, typer.Option(
+    "-o", "--output", help="Write here instead of replacing SOURCE (.pt or .safetensors).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would change; write "
+                                         "nothing.")]
+AllowEmptyOpt = Annotated[bool, typer.Option(
+    "--allow-empty", help="A pattern that matches nothing is not an error.")]
+ExcludeOpt = Annotated[list[str] | None, typer.Option(
+    "--exclude", "-x", help="Remove matches of this pattern (repeatable); wins over includes.")]
+
+
+def options(key: str | None, args: list[str] | None, weights: Path | None, unsafe: bool,
+            buffers: bool = False) -> Any:
+    from paramctl.sources.base import OpenOptions
+    from paramctl.sources.module import parse_args
+
+    if unsafe:
+        warn("--unsafe-load: pickled objects in the checkpoint may run code on this machine")
+    return OpenOptions(key=key, args=parse_args(args or []), weights=weights,
+                       unsafe_load=unsafe, buffers=buffers)
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+
+
+def output_format(fmt: str | None, allowed: tuple[str, ...]) -> str:
+    if fmt is None:
+        return "table" if sys.stdout.isatty() else "tsv"
+    if fmt not in allowed:
+        raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(allowed)}")
+    return fmt
+
+
+def read_names(source: str | None) -> list[str]:
+    """Names one per line from a file or ``-`` (stdin); blank lines and ``#`` skipped."""
+    if source is None:
+        return []
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --names-from {source}: {exc}") from None
+    names = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            names.append(line.split("\t", 1)[0])
+    return names
+
+
+@contextlib.contextmanager
+def handle_errors(debug: bool) -> Iterator[None]:
+    """Turn :class:`ParamctlError` into ``error: ...`` and its exit code."""
+    try:
+        yield
+    except ParamctlError as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        raise typer.Exit(exc.exit_code) from None
+
+
+class ProgressBar:
+    """A stderr progress bar that appears only for writes longer than about a second."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.total = 0
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+        self.done = 0
+        self.start = time.monotonic()
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __call__(self, n: int, total: int) -> None:
+        self.done += n
+        self.total = total
+        if not self.enabled:
+            return
+        if self._bar is None:
+            if time.monotonic() - self.start < 1.0:
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+            self._bar = Progress("{task.description}", BarColumn(), DownloadColumn(),
+                                 TimeRemainingColumn(), console=Console(stderr=True),
+                                 transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total)
+        self._bar.update(self._task, completed=self.done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def progress_for(label: str, quiet: bool) -> ProgressBar:
+    return ProgressBar(label, not quiet)
+
+
+Renderer = Callable[..., None]

@@ -1,0 +1,135 @@
+"""``paramctl freeze`` / ``unfreeze``: set requires_grad by pattern and save."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from paramctl.cli.common import (
+    AllowEmptyOpt,
+    ArgOpt,
+    DebugOpt,
+    DryRunOpt,
+    ExcludeOpt,
+    HeadersOpt,
+    KeyOpt,
+    OutOpt,
+    QuietOpt,
+    SourceArg,
+    StripOpt,
+    UnsafeOpt,
+    WeightsOpt,
+    handle_errors,
+    options,
+    output_format,
+    progress_for,
+    read_names,
+)
+from paramctl.errors import UsageError
+
+FREEZE_EXAMPLES = """
+Examples:
+
+  paramctl freeze ckpt.pt 'backbone.*' --exclude 'backbone.layer4'
+
+  paramctl freeze model.safetensors encoder -o frozen.safetensors --dry-run
+
+  paramctl list ckpt.pt -f names | grep attn | paramctl freeze ckpt.pt --names-from -
+"""
+
+UNFREEZE_EXAMPLES = """
+Examples:
+
+  paramctl unfreeze ckpt.pt 'backbone.layer4.*'
+
+  paramctl unfreeze model.safetensors '*' -o trainable.safetensors
+"""
+
+PatternsArg = Annotated[list[str] | None, typer.Argument(
+    help="Glob, module name or re:REGEX ('!PATTERN' excludes).", show_default=False)]
+NamesFromOpt = Annotated[str | None, typer.Option(
+    "--names-from", help="Exact names, one per line, from FILE or - (stdin).")]
+FormatOpt = Annotated[str | None, typer.Option(
+    "-f", "--format", help="How to print the changes: table, tsv, json, jsonl, names.",
+    show_default=False)]
+
+
+def _run(kind: str, source: str, patterns: list[str] | None, exclude: list[str] | None,
+         names_from: str | None, out: object, dry_run: bool, allow_empty: bool, fmt: str | None,
+         headers: bool | None, key: str | None, strip_prefix: str | None,
+         arg: list[str] | None, weights: object, unsafe_load: bool, quiet: bool,
+         debug: bool) -> None:
+    from pathlib import Path
+
+    from paramctl.core import change
+    from paramctl.render import FORMATS, render_changes
+    from paramctl.rules import Step
+
+    with handle_errors(debug):
+        exact = read_names(names_from)
+        if not patterns and names_from is None:
+            raise UsageError(f"give at least one PATTERN to {kind} (or --names-from FILE)")
+        if names_from is not None and not exact and not patterns and not allow_empty:
+            raise UsageError(f"--names-from {names_from} holds no names")
+        shown = output_format(fmt, FORMATS)
+        step = Step(kind, patterns=tuple(patterns or ()), excludes=tuple(exclude or ()),
+                    exact=tuple(exact))
+        opts = options(key, arg, Path(str(weights)) if weights else None, unsafe_load)
+        bar = progress_for("writing", quiet)
+        try:
+            result = change(source, [step], options=opts, prefix=strip_prefix,
+                            out=Path(str(out)) if out else None, dry_run=dry_run,
+                            allow_empty=allow_empty, progress=bar)
+        finally:
+            bar.close()
+        if not quiet:
+            render_changes(result, shown, sys.stdout, dry_run=dry_run,
+                           headers=headers if headers is not None else shown != "tsv")
+
+
+def freeze_command(
+    source: SourceArg,
+    patterns: PatternsArg = None,
+    exclude: ExcludeOpt = None,
+    names_from: NamesFromOpt = None,
+    output: OutOpt = None,
+    dry_run: DryRunOpt = False,
+    allow_empty: AllowEmptyOpt = False,
+    fmt: FormatOpt = None,
+    headers: HeadersOpt = None,
+    key: KeyOpt = None,
+    strip_prefix: StripOpt = None,
+    arg: ArgOpt = None,
+    weights: WeightsOpt = None,
+    unsafe_load: UnsafeOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Freeze (requires_grad=False) what the patterns select, and save it in the file."""
+    _run("freeze", source, patterns, exclude, names_from, output, dry_run, allow_empty, fmt,
+         headers, key, strip_prefix, arg, weights, unsafe_load, quiet, debug)
+
+
+def unfreeze_command(
+    source: SourceArg,
+    patterns: PatternsArg = None,
+    exclude: ExcludeOpt = None,
+    names_from: NamesFromOpt = None,
+    output: OutOpt = None,
+    dry_run: DryRunOpt = False,
+    allow_empty: AllowEmptyOpt = False,
+    fmt: FormatOpt = None,
+    headers: HeadersOpt = None,
+    key: KeyOpt = None,
+    strip_prefix: StripOpt = None,
+    arg: ArgOpt = None,
+    weights: WeightsOpt = None,
+    unsafe_load: UnsafeOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Unfreeze (requires_grad=True) what the patterns select, and save it in the file."""
+    _run("unfreeze", source, patterns, exclude, names_from, output, dry_run, allow_empty, fmt,
+         headers, key, strip_prefix, arg, weights, unsafe_load, quiet, debug)

@@ -1,0 +1,145 @@
+"""``paramctl init`` and ``paramctl apply``: re-initialise by rule, or run a rules file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from paramctl.cli.common import (
+    AllowEmptyOpt,
+    ArgOpt,
+    DebugOpt,
+    DryRunOpt,
+    HeadersOpt,
+    KeyOpt,
+    OutOpt,
+    QuietOpt,
+    SourceArg,
+    StripOpt,
+    UnsafeOpt,
+    WeightsOpt,
+    handle_errors,
+    options,
+    output_format,
+    progress_for,
+)
+from paramctl.errors import UsageError
+
+INIT_EXAMPLES = """
+Examples:
+
+  paramctl init ckpt.pt '*.bias=zeros' 'head.*.weight=normal(std=0.02)' --seed 0
+
+  paramctl init model.safetensors 'classifier=kaiming_uniform(a=2.23, nonlinearity=leaky_relu)'
+  -o reset.safetensors
+
+  paramctl init ckpt.pt 'lm_head=trunc_normal(std=0.02)' --dry-run
+"""
+
+APPLY_EXAMPLES = """
+Example rules.toml:
+
+  [[rule]]
+  freeze = ["backbone.*"]
+  exclude = ["backbone.layer4.*"]
+
+  [[rule]]
+  init = "head.*.weight=trunc_normal(std=0.02)"
+
+  paramctl apply ckpt.pt rules.toml --seed 1 -o tuned.pt
+"""
+
+SeedOpt = Annotated[int | None, typer.Option(
+    "--seed", help="Make each tensor a function of (seed, name, rule) alone.")]
+FormatOpt = Annotated[str | None, typer.Option(
+    "-f", "--format", help="How to print the plan: table, tsv, json, jsonl, names.",
+    show_default=False)]
+
+
+def _run(source: str, steps_from: object, seed: int | None, out: Path | None, dry_run: bool,
+         allow_empty: bool, fmt: str | None, headers: bool | None, key: str | None,
+         strip_prefix: str | None, arg: list[str] | None, weights: Path | None,
+         unsafe_load: bool, quiet: bool, debug: bool) -> None:
+    from paramctl.core import change
+    from paramctl.render import FORMATS, render_changes
+
+    with handle_errors(debug):
+        shown = output_format(fmt, FORMATS)
+        steps, file_seed = steps_from() if callable(steps_from) else (steps_from, None)
+        bar = progress_for("writing", quiet)
+        try:
+            result = change(source, steps, options=options(key, arg, weights, unsafe_load),
+                            prefix=strip_prefix, out=out, dry_run=dry_run,
+                            allow_empty=allow_empty,
+                            seed=seed if seed is not None else file_seed, progress=bar)
+        finally:
+            bar.close()
+        if not quiet:
+            render_changes(result, shown, sys.stdout, dry_run=dry_run,
+                           headers=headers if headers is not None else shown != "tsv")
+
+
+def init_command(
+    source: SourceArg,
+    rules: Annotated[list[str] | None, typer.Argument(
+        help="PATTERN=FN or PATTERN=FN(arg=value, ...), FN from torch.nn.init without the "
+             "trailing underscore.", show_default=False)] = None,
+    seed: SeedOpt = None,
+    output: OutOpt = None,
+    dry_run: DryRunOpt = False,
+    allow_empty: AllowEmptyOpt = False,
+    fmt: FormatOpt = None,
+    headers: HeadersOpt = None,
+    key: KeyOpt = None,
+    strip_prefix: StripOpt = None,
+    arg: ArgOpt = None,
+    weights: WeightsOpt = None,
+    unsafe_load: UnsafeOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Re-initialise what each rule selects with a torch.nn.init function, and save."""
+
+    def steps() -> tuple[list[object], None]:
+        from paramctl.rules import parse_init_rule, steps_from_rules
+
+        if not rules:
+            raise UsageError("give at least one RULE, e.g. '*.bias=zeros'")
+        return list(steps_from_rules([parse_init_rule(r) for r in rules])), None
+
+    _run(source, steps, seed, output, dry_run, allow_empty, fmt, headers, key, strip_prefix,
+         arg, weights, unsafe_load, quiet, debug)
+
+
+def apply_command(
+    source: SourceArg,
+    rules_file: Annotated[Path, typer.Argument(
+        help="TOML file of [[rule]] tables (freeze, unfreeze or init, with exclude).",
+        show_default=False)],
+    seed: SeedOpt = None,
+    output: OutOpt = None,
+    dry_run: DryRunOpt = False,
+    allow_empty: AllowEmptyOpt = False,
+    fmt: FormatOpt = None,
+    headers: HeadersOpt = None,
+    key: KeyOpt = None,
+    strip_prefix: StripOpt = None,
+    arg: ArgOpt = None,
+    weights: WeightsOpt = None,
+    unsafe_load: UnsafeOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Apply an ordered TOML rules file (freeze, unfreeze, init) in one load and one save."""
+
+    def steps() -> tuple[list[object], int | None]:
+        from paramctl.rules import load_rules_file
+
+        loaded, file_seed = load_rules_file(rules_file)
+        return list(loaded), file_seed
+
+    _run(source, steps, seed, output, dry_run, allow_empty, fmt, headers, key, strip_prefix,
+         arg, weights, unsafe_load, quiet, debug)

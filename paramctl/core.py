@@ -1,0 +1,197 @@
+"""The pipeline every command runs: open -> select -> plan -> (write). Pure data in and out.
+
+Commands call :func:`inspect` (list) or :func:`change` (freeze, unfreeze, init, apply);
+both return plain records that :mod:`paramctl.render` turns into output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from paramctl.errors import OperationError, UsageError
+from paramctl.model import FLOAT_DTYPES, Inventory, ParamInfo
+from paramctl.rules import InitRule, Step, check_applies, run_init
+from paramctl.select import select
+from paramctl.sources.base import Edit, OpenOptions, Source, open_source
+from paramctl.sources.statedict import strip_prefix
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Change", "ChangeResult", "View", "change", "inspect", "open_view"]
+
+
+@dataclass
+class View:
+    """A source seen through ``--strip-prefix``: shown names map to stored names."""
+
+    source: Source
+    params: list[ParamInfo]
+    stored: dict[str, str]  # shown -> stored
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        return {p.name: p.tied for p in self.params if p.tied}
+
+
+def open_view(spec: str, options: OpenOptions | None = None, *,
+              prefix: str | None = None) -> View:
+    source = open_source(spec, options)
+    params = source.params()
+    if not prefix:
+        return View(source, params, {p.name: p.name for p in params})
+    mapping = strip_prefix([p.name for p in params], prefix)
+    back = {v: k for k, v in mapping.items()}
+
+    def rename(p: ParamInfo) -> ParamInfo:
+        from dataclasses import replace
+
+        return replace(p, name=back[p.name], tied=tuple(back[t] for t in p.tied))
+
+    return View(source, [rename(p) for p in params], mapping)
+
+
+def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] = (),
+            options: OpenOptions | None = None, prefix: str | None = None,
+            trainable: bool | None = None, allow_empty: bool = False) -> Inventory:
+    """List a source's parameters, optionally filtered by patterns and trainable state.
+
+    >>> inv = inspect("sample_models/mlp.py:MLP", ["*.bias"])  # doctest: +SKIP
+    """
+    view = open_view(spec, options, prefix=prefix)
+    chosen = set(select(view.names, patterns, excludes, allow_empty=allow_empty))
+    params = [p for p in view.params if p.name in chosen
+              and (trainable is None or (p.requires_grad == trainable and not p.buffer))]
+    return Inventory(view.source.display, view.source.format, params)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One parameter a command changes. ``via`` names the tied name that pulled it in."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    action: str  # "freeze", "unfreeze" or an init call such as "normal(std=0.02)"
+    before: bool
+    after: bool
+    via: str | None = None
+
+
+@dataclass
+class ChangeResult:
+    source: str
+    format: str
+    changes: list[Change]
+    unchanged: list[str] = field(default_factory=list)  # selected, already in that state
+    skipped: list[str] = field(default_factory=list)  # selected, never trainable
+    written: Path | None = None
+
+
+def _expand_tied(names: list[str], view: View) -> list[tuple[str, str | None]]:
+    groups = view.groups()
+    out: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        out.append((name, None))
+        for other in groups.get(name, ()):
+            if other not in seen:
+                seen.add(other)
+                out.append((other, name))
+    return out
+
+
+def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
+         ) -> tuple[list[Change], list[str], list[str], dict[str, InitRule]]:
+    """Evaluate ``steps`` in order on the current flags; the last step wins per name."""
+    info = {p.name: p for p in view.params}
+    flags = {p.name: p.requires_grad for p in view.params}
+    inits: dict[str, tuple[InitRule, str | None]] = {}
+    touched: dict[str, str | None] = {}
+    unchanged: list[str] = []
+    skipped: list[str] = []
+    for step in steps:
+        if step.kind in ("freeze", "unfreeze"):
+            want = step.kind == "unfreeze"
+            chosen = select(view.names, step.patterns, step.excludes, exact=step.exact,
+                            allow_empty=allow_empty)
+            for name, via in _expand_tied(chosen, view):
+                p = info[name]
+                if p.buffer or p.dtype not in FLOAT_DTYPES:
+                    skipped.append(name)
+                    continue
+                if flags[name] == want and name not in touched:
+                    unchanged.append(name)
+                flags[name] = want
+                touched.setdefault(name, via)
+        else:
+            for rule in step.rules:
+                chosen = select(view.names, [rule.pattern], step.excludes,
+                                allow_empty=allow_empty)
+                for name, via in _expand_tied(chosen, view):
+                    p = info[name]
+                    if p.buffer and view.source.format != "module":
+                        raise OperationError(f"cannot initialise buffer {name}")
+                    check_applies(rule, name, p.shape, p.dtype, FLOAT_DTYPES)
+                    inits[name] = (rule, via)
+    changes: list[Change] = []
+    for p in view.params:
+        if p.name in inits:
+            rule, via = inits[p.name]
+            changes.append(Change(p.name, p.shape, p.dtype, rule.call, p.requires_grad,
+                                  flags[p.name], via))
+        elif p.name in touched and flags[p.name] != p.requires_grad:
+            action = "unfreeze" if flags[p.name] else "freeze"
+            changes.append(Change(p.name, p.shape, p.dtype, action, p.requires_grad,
+                                  flags[p.name], touched[p.name]))
+    unchanged = [n for n in dict.fromkeys(unchanged) if flags[n] == info[n].requires_grad]
+    return changes, unchanged, list(dict.fromkeys(skipped)), {n: r for n, (r, _) in inits.items()}
+
+
+def make_init_fn(rules: dict[str, InitRule], seed: int | None
+                 ) -> Callable[[str, torch.Tensor], None]:
+    """The callback writers invoke per stored tensor to re-initialise it in place."""
+
+    def init_fn(stored_name: str, tensor: torch.Tensor) -> None:
+        run_init(rules[stored_name], stored_name, tensor, seed)
+
+    return init_fn
+
+
+def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = None,
+           prefix: str | None = None, out: Path | None = None, dry_run: bool = False,
+           allow_empty: bool = False, seed: int | None = None,
+           progress: Callable[[int, int], None] | None = None) -> ChangeResult:
+    """Apply freeze/unfreeze/init ``steps`` to ``spec`` and save (unless ``dry_run``).
+
+    Nothing is written when nothing changes and no ``out`` was asked for. ``progress`` is
+    called with ``(bytes just written, bytes in all)`` while saving.
+    """
+    if not steps:
+        raise UsageError("nothing to do: give at least one pattern or rule")
+    view = open_view(spec, options, prefix=prefix)
+    changes, unchanged, skipped, inits = plan(view, steps, allow_empty=allow_empty)
+    result = ChangeResult(view.source.display, view.source.format, changes, unchanged, skipped)
+    if dry_run or (not changes and out is None):
+        return result
+    stored = view.stored
+    flag_edits = {stored[c.name]: c.after for c in changes if c.before != c.after}
+    stored_rules = {stored[name]: rule for name, rule in inits.items()}
+    edit = Edit(
+        requires_grad=flag_edits,
+        init=frozenset(stored_rules),
+        init_fn=make_init_fn(stored_rules, seed) if stored_rules else None,
+    )
+    total = view.source.total_bytes()
+    step = (lambda n: progress(n, total)) if progress is not None else None
+    result.written = view.source.write(edit, out, step)
+    return result

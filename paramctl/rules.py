@@ -1,0 +1,278 @@
+"""Init rules (``PATTERN=FN(arg=value)``) and TOML rule files: parse and validate.
+
+Functions are found by introspecting ``torch.nn.init`` (every public ``name_`` function),
+so the list follows the installed torch rather than a hand-kept table.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from paramctl.errors import OperationError, SourceError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["InitRule", "Step", "init_functions", "load_rules_file", "parse_init_rule",
+           "parse_steps", "run_init"]
+
+_RULE = re.compile(r"^(?P<pattern>.+)=\s*(?P<fn>[A-Za-z_]\w*)\s*(?:\((?P<args>.*)\))?\s*$",
+                   re.DOTALL)
+_HIDDEN_PARAMS = {"tensor", "generator"}
+_HALF = {"float16", "bfloat16"}
+
+
+def init_functions() -> dict[str, Callable[..., Any]]:
+    """``{"normal": torch.nn.init.normal_, ...}`` for every public in-place init function."""
+    import torch.nn.init as tinit
+
+    out: dict[str, Callable[..., Any]] = {}
+    for name in dir(tinit):
+        if name.startswith("_") or not name.endswith("_"):
+            continue
+        fn = getattr(tinit, name)
+        if inspect.isfunction(fn):
+            out[name[:-1]] = fn
+    return out
+
+
+@dataclass(frozen=True)
+class InitRule:
+    """One ``PATTERN=FN(...)`` rule, validated against the function's signature."""
+
+    text: str
+    pattern: str
+    fn: str
+    kwargs: tuple[tuple[str, Any], ...]
+
+    @property
+    def call(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.kwargs)
+        return f"{self.fn}({inner})"
+
+    def seed_for(self, seed: int, name: str) -> int:
+        """A 63-bit seed that depends on ``(seed, name, function and arguments)`` only."""
+        digest = hashlib.sha256(f"{seed}\0{name}\0{self.call}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _literal(node: ast.expr) -> Any:
+    if isinstance(node, ast.Name):  # bare words: nonlinearity=relu, mode=fan_out
+        return node.id
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise UsageError(f"argument value {ast.unparse(node)!r} is not a Python literal") from None
+
+
+def _signature_params(fn: Callable[..., Any]) -> list[str]:
+    return [p for p in inspect.signature(fn).parameters if p not in _HIDDEN_PARAMS]
+
+
+def parse_init_rule(text: str) -> InitRule:
+    """Parse ``'head.*.weight=normal(std=0.02)'``; errors list the valid choices.
+
+    >>> parse_init_rule("*.bias=zeros").call
+    'zeros()'
+    """
+    match = _RULE.match(text.strip())
+    if match is None:
+        raise UsageError(f"bad init rule {text!r}: expected PATTERN=FN or PATTERN=FN(arg=value), "
+                         "e.g. '*.bias=zeros' or 'head.*=normal(std=0.02)'")
+    pattern, fn_name, raw_args = match["pattern"].strip(), match["fn"], match["args"]
+    functions = init_functions()
+    if fn_name.endswith("_") and fn_name[:-1] in functions:
+        fn_name = fn_name[:-1]
+    if fn_name not in functions:
+        raise UsageError(f"unknown init function {fn_name!r} in {text!r}; valid: "
+                         f"{', '.join(sorted(functions))}")
+    fn = functions[fn_name]
+    names = _signature_params(fn)
+    kwargs: dict[str, Any] = {}
+    if raw_args and raw_args.strip():
+        try:
+            call = ast.parse(f"f({raw_args})", mode="eval").body
+        except SyntaxError:
+            raise UsageError(f"bad arguments in {text!r}: expected arg=value, ...") from None
+        if not isinstance(call, ast.Call):
+            raise UsageError(f"bad arguments in {text!r}")
+        if len(call.args) > len(names):
+            raise UsageError(f"{fn_name}() takes at most {len(names)} arguments: "
+                             f"{', '.join(names) or 'none'}")
+        for pname, node in zip(names, call.args, strict=False):
+            kwargs[pname] = _literal(node)
+        for kw in call.keywords:
+            if kw.arg is None or kw.arg not in names:
+                raise UsageError(f"{fn_name}() has no argument {kw.arg!r}; valid: "
+                                 f"{', '.join(names) or 'none'}")
+            if kw.arg in kwargs:
+                raise UsageError(f"{fn_name}() got {kw.arg!r} twice in {text!r}")
+            kwargs[kw.arg] = _literal(kw.value)
+    sig = inspect.signature(fn)
+    required = [p for p, v in sig.parameters.items() if p not in _HIDDEN_PARAMS
+                and v.default is inspect.Parameter.empty and p not in kwargs]
+    if required:
+        raise UsageError(f"{fn_name}() needs {', '.join(required)}, e.g. "
+                         f"'{pattern}={fn_name}({required[0]}=...)'")
+    rule = InitRule(text, pattern, fn_name, tuple(kwargs.items()))
+    _check_values(rule)
+    return rule
+
+
+def _check_values(rule: InitRule) -> None:
+    """Try the rule on a few meta tensors: a value that fails on every shape is a usage
+    error (``nonlinearity=foo``); a shape mismatch is decided per parameter later."""
+    import torch
+
+    last: Exception | None = None
+    for shape in ((8, 8), (8, 8, 3), (8, 8, 3, 3), (8,)):
+        try:
+            _call(rule, torch.empty(shape, device="meta"))
+            return
+        except (NotImplementedError, RuntimeError):
+            return  # the meta device cannot run it; checked on real tensors instead
+        except (ValueError, TypeError, AssertionError) as exc:
+            last = exc
+    raise UsageError(f"init rule {rule.text!r}: {last}")
+
+
+def _call(rule: InitRule, tensor: torch.Tensor) -> None:
+    fn = init_functions()[rule.fn]
+    fn(tensor, **dict(rule.kwargs))
+
+
+def check_applies(rule: InitRule, name: str, shape: tuple[int, ...], dtype: str,
+                  float_dtypes: frozenset[str]) -> None:
+    """Raise :class:`OperationError` if ``rule`` cannot initialise this tensor."""
+    import torch
+
+    if dtype not in float_dtypes:
+        raise OperationError(f"cannot initialise {name} ({dtype}): init applies to "
+                             "floating-point tensors only; exclude it from the pattern")
+    try:
+        _call(rule, torch.empty(shape, device="meta"))
+    except (NotImplementedError, RuntimeError):
+        pass
+    except (ValueError, TypeError, AssertionError) as exc:
+        shape_text = "x".join(map(str, shape)) or "scalar"
+        raise OperationError(f"cannot initialise {name} ({shape_text}) with {rule.call}: "
+                             f"{exc}") from None
+
+
+def run_init(rule: InitRule, name: str, tensor: torch.Tensor, seed: int | None) -> None:
+    """Initialise ``tensor`` in place; half types are computed in float32 and rounded."""
+    import torch
+
+    from paramctl.tensors import dtype_name
+
+    work = tensor.float() if dtype_name(tensor.dtype) in _HALF or tensor.element_size() == 1 \
+        else tensor
+    derived = rule.seed_for(seed, name) if seed is not None else None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if derived is None:
+                import os
+
+                torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+            else:
+                torch.manual_seed(derived)
+            with torch.no_grad():
+                _call(rule, work)
+    except (ValueError, TypeError, RuntimeError, AssertionError, NotImplementedError) as exc:
+        raise OperationError(f"cannot initialise {name} with {rule.call}: {exc}") from None
+    if work is not tensor:
+        with torch.no_grad():
+            tensor.copy_(work)
+
+
+# -- rule files --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    """One ordered step: ``kind`` is freeze, unfreeze or init."""
+
+    kind: str
+    patterns: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    exact: tuple[str, ...] = ()
+    rules: tuple[InitRule, ...] = field(default=())
+    where: str = ""
+
+
+_STEP_KEYS = ("freeze", "unfreeze", "init")
+
+
+def _strings(value: Any, where: str, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise UsageError(f"{where}: '{key}' must be a string or a non-empty list of strings")
+
+
+def parse_steps(doc: Mapping[str, Any], origin: str = "rules") -> tuple[list[Step], int | None]:
+    """Validate a parsed rules document; returns the steps and an optional ``seed``."""
+    unknown = set(doc) - {"rule", "seed"}
+    if unknown:
+        raise UsageError(f"{origin}: unknown top-level key {sorted(unknown)[0]!r} "
+                         "(expected [[rule]] tables and an optional seed)")
+    seed = doc.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise UsageError(f"{origin}: seed must be an integer")
+    rules = doc.get("rule")
+    if not isinstance(rules, list) or not rules:
+        raise UsageError(f"{origin}: no [[rule]] tables found")
+    steps: list[Step] = []
+    for i, entry in enumerate(rules, start=1):
+        where = f"{origin}: rule {i}"
+        if not isinstance(entry, dict):
+            raise UsageError(f"{where}: must be a table")
+        kinds = [k for k in _STEP_KEYS if k in entry]
+        extra = set(entry) - {*_STEP_KEYS, "exclude"}
+        if extra:
+            raise UsageError(f"{where}: unknown key {sorted(extra)[0]!r} (expected one of "
+                             "freeze, unfreeze, init, and optionally exclude)")
+        if len(kinds) != 1:
+            raise UsageError(f"{where}: needs exactly one of freeze, unfreeze or init")
+        kind = kinds[0]
+        excludes = _strings(entry["exclude"], where, "exclude") if "exclude" in entry else ()
+        values = _strings(entry[kind], where, kind)
+        if kind == "init":
+            try:
+                parsed = tuple(parse_init_rule(v) for v in values)
+            except UsageError as exc:
+                raise UsageError(f"{where} (init): {exc}") from None
+            steps.append(Step(kind, excludes=excludes, rules=parsed, where=where))
+        else:
+            steps.append(Step(kind, patterns=values, excludes=excludes, where=where))
+    return steps, seed
+
+
+def load_rules_file(path: Path) -> tuple[list[Step], int | None]:
+    """Read and validate a TOML rules file."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SourceError(f"no such rules file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read rules file {path}: {exc}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: invalid TOML: {exc}") from None
+    return parse_steps(doc, str(path))
+
+
+def steps_from_rules(rules: Sequence[InitRule]) -> list[Step]:
+    return [Step("init", rules=(r,), where=r.text) for r in rules]

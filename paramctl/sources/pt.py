@@ -1,0 +1,301 @@
+"""torch zip checkpoints (``.pt .pth .bin .ckpt``), read and rewritten without torch.
+
+Reading runs :mod:`paramctl.sources.pickle_vm` over ``data.pkl``. Freezing splices the
+pickle: a plain tensor entry becomes ``torch._utils._rebuild_parameter(<tensor>, False,
+OrderedDict())`` (exactly what ``torch.save`` writes for a frozen ``nn.Parameter``), an
+existing Parameter has its ``requires_grad`` byte flipped. Every other pickle byte and every
+tensor record is copied unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from paramctl.errors import CorruptFileError, OperationError, SourceError, UnsafeFileError
+from paramctl.fileio import atomic_write, locked
+from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo
+from paramctl.sources.base import Edit, OpenOptions, register
+from paramctl.sources.pickle_vm import ParsedPickle, TensorRef, parse_pickle
+from paramctl.sources.statedict import find_state_dict
+from paramctl.sources.zipio import NewRecord, Record, read_records, write_zip
+
+__all__ = ["EXTENSIONS", "PtSource", "open_file"]
+
+EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
+MAX_PICKLE_BYTES = 1 << 30
+_ZIP_MAGIC = b"PK\x03\x04"
+
+_NEWTRUE = b"\x88"
+_NEWFALSE = b"\x89"
+_PARAM_PREFIX = b"ctorch._utils\n_rebuild_parameter\n"
+_PARAM_SUFFIX_FROZEN = b"\x89ccollections\nOrderedDict\n)R\x87R"
+
+
+def open_file(path: str) -> tuple[int, int]:
+    """Open a regular file for reading; return ``(fd, size)`` or a one-line error."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise SourceError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise SourceError(f"{path} is a directory, not a checkpoint file") from None
+    except OSError as exc:
+        raise SourceError(f"cannot open {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise SourceError(f"{path} is not a regular file")
+    return fd, st.st_size
+
+
+def _classify_non_zip(path: str, head: bytes) -> SourceError:
+    if not head:
+        return CorruptFileError(f"{path}: the file is empty")
+    if head[:1] == b"\x80":
+        return UnsafeFileError(
+            f"{path}: legacy (pre-1.6, non-zip) torch format; reading it means unpickling "
+            "arbitrary objects. If you trust the file, pass --unsafe-load, or re-save it "
+            "with torch.save"
+        )
+    if head.startswith(b"PK"):
+        return CorruptFileError(f"{path}: damaged zip archive")
+    return CorruptFileError(f"{path}: not a torch checkpoint (not a zip archive)")
+
+
+class PtSource:
+    """A torch zip checkpoint; ``state`` is everything parsed from it."""
+
+    format = "pt"
+
+    def __init__(self, path: str, options: OpenOptions) -> None:
+        self.display = path
+        self.path = Path(path)
+        self.options = options
+        fd, size = open_file(path)
+        try:
+            head = os.pread(fd, 4, 0)
+            if head != _ZIP_MAGIC:
+                raise _classify_non_zip(path, head)
+            self.records = read_records(fd, path, size)
+        finally:
+            os.close(fd)
+        self.file_size = size
+        names = [r.name for r in self.records]
+        pkl = next((r for r in self.records if r.name.endswith("data.pkl")
+                    and r.name.count("/") == 1), None)
+        if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+            raise SourceError(f"{path}: a TorchScript archive, not a checkpoint; "
+                              "open it with torch.jit.load")
+        if pkl is None:
+            raise CorruptFileError(f"{path}: not a torch checkpoint (no data.pkl record)")
+        if pkl.size > MAX_PICKLE_BYTES:
+            raise CorruptFileError(f"{path}: data.pkl is {pkl.size} bytes, over the "
+                                   f"{MAX_PICKLE_BYTES} byte limit")
+        self.prefix = pkl.name[: -len("data.pkl")]
+        self.pickle_record = pkl
+        self.by_name = {r.name: r for r in self.records}
+        with open(path, "rb") as fh:
+            fh.seek(pkl.offset)
+            self.pickle_bytes = fh.read(pkl.size)
+        if len(self.pickle_bytes) != pkl.size:
+            raise CorruptFileError(f"{path}: truncated data.pkl")
+        self.parsed: ParsedPickle = parse_pickle(self.pickle_bytes)
+        self.key_path, state = find_state_dict(
+            self.parsed.root, lambda v: isinstance(v, TensorRef), options.key, path=path
+        )
+        self.tensors: dict[str, TensorRef] = {
+            str(k): v for k, v in state.items() if isinstance(v, TensorRef)
+        }
+        self._check_storages()
+
+    # -- reading -----------------------------------------------------------------------
+    def _storage_record(self, ref: TensorRef) -> Record:
+        rec = self.by_name.get(f"{self.prefix}data/{ref.storage.key}")
+        if rec is None:
+            raise CorruptFileError(
+                f"{self.display}: missing data record for storage {ref.storage.key}"
+            )
+        return rec
+
+    def _check_storages(self) -> None:
+        for name, ref in self.tensors.items():
+            rec = self._storage_record(ref)
+            unit = 1 if ref.storage.untyped else DTYPE_SIZES.get(ref.storage.dtype, 1)
+            if rec.size != ref.storage.numel * unit:
+                raise CorruptFileError(
+                    f"{self.display}: record for {name!r} holds {rec.size} bytes, but its "
+                    f"storage needs {ref.storage.numel * unit}"
+                )
+            item = DTYPE_SIZES.get(ref.dtype, 1)
+            extent = 0 if ref.numel == 0 else 1 + sum(
+                (d - 1) * s for d, s in zip(ref.shape, ref.stride, strict=True))
+            if ref.numel and (ref.offset + extent) * item > rec.size:
+                raise CorruptFileError(
+                    f"{self.display}: tensor {name!r} reaches past the end of its storage"
+                )
+
+    def params(self) -> list[ParamInfo]:
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for name, ref in self.tensors.items():
+            groups.setdefault(self._identity(ref), []).append(name)
+        out = []
+        for name, ref in self.tensors.items():
+            members = groups[self._identity(ref)]
+            frozen = ref.is_parameter and not ref.requires_grad
+            out.append(ParamInfo(
+                name=name,
+                shape=ref.shape,
+                dtype=ref.dtype,
+                numel=ref.numel,
+                nbytes=ref.numel * DTYPE_SIZES.get(ref.dtype, 1),
+                requires_grad=ref.dtype in FLOAT_DTYPES and not frozen,
+                tied=tuple(m for m in members if m != name),
+                storage=ref.storage.key,
+            ))
+        return out
+
+    @staticmethod
+    def _identity(ref: TensorRef) -> tuple[Any, ...]:
+        return (ref.storage.key, ref.offset, ref.shape, ref.stride, ref.dtype)
+
+    def total_bytes(self) -> int:
+        return self.file_size
+
+    # -- writing -----------------------------------------------------------------------
+    def _pickle_edits(self, flags: Mapping[str, bool]) -> bytes:
+        splices: dict[int, tuple[int, bytes]] = {}  # start -> (end, replacement)
+        inserts: dict[int, list[bytes]] = {}
+        done: set[int] = set()
+        for name, want in flags.items():
+            ref = self.tensors[name]
+            if id(ref) in done:
+                continue
+            done.add(id(ref))
+            if ref.is_parameter:
+                if ref.requires_grad == want:
+                    continue
+                if ref.grad_span is None:
+                    raise OperationError(f"{self.display}: cannot locate requires_grad of "
+                                         f"{name!r} in the pickle")
+                start, end = ref.grad_span
+                splices[start] = (end, _NEWTRUE if want else _NEWFALSE)
+            elif not want:
+                start, end = ref.span
+                inserts.setdefault(start, []).append(_PARAM_PREFIX)
+                inserts.setdefault(end, []).insert(0, _PARAM_SUFFIX_FROZEN)
+        if not splices and not inserts:
+            return self.pickle_bytes
+        for start, end in self.parsed.frames:
+            splices[start] = (end, b"")
+        data = self.pickle_bytes
+        pieces: list[bytes] = []
+        cursor = 0
+        for pos in sorted(set(splices) | set(inserts)):
+            if pos < cursor:
+                raise OperationError(f"{self.display}: overlapping tensor definitions in the "
+                                     "pickle; cannot rewrite it safely")
+            pieces.append(data[cursor:pos])
+            cursor = pos
+            # Suffixes close the previous expression first, then prefixes open the next.
+            pieces.extend(inserts.get(pos, []))
+            if pos in splices:
+                end, repl = splices[pos]
+                pieces.append(repl)
+                cursor = end
+        pieces.append(data[cursor:])
+        return b"".join(pieces)
+
+    def _init_record(self, src_fd: int, rec: Record, names: list[str],
+                     init_fn: Callable[[str, Any], None]) -> Callable[[], NewRecord]:
+        def build() -> NewRecord:
+            from paramctl.tensors import frombuffer
+
+            buf = bytearray(os.pread(src_fd, rec.size, rec.offset))
+            if len(buf) != rec.size:
+                raise CorruptFileError(f"{self.display}: truncated record {rec.name}")
+            seen: set[tuple[Any, ...]] = set()
+            for name in names:
+                ref = self.tensors[name]
+                ident = self._identity(ref)
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                base = frombuffer(buf, ref.dtype)
+                view = base.as_strided(ref.shape, ref.stride, ref.offset)
+                init_fn(name, view)
+            return NewRecord(buf, zlib.crc32(buf))
+
+        return build
+
+    def _alignment(self, fd: int) -> int:
+        rec = self.by_name.get(f"{self.prefix}.storage_alignment")
+        if rec is None or rec.size > 16:
+            return 64
+        try:
+            value = int(os.pread(fd, rec.size, rec.offset).decode())
+        except ValueError:
+            return 64
+        return value if 0 < value <= 1 << 16 and value & (value - 1) == 0 else 64
+
+    def write(self, edit: Edit, out: Path | None,
+              progress: Callable[[int], None] | None = None) -> Path:
+        target = out or self.path
+        if out is not None and out.suffix == ".safetensors":
+            from paramctl.convert import convert_to_safetensors
+
+            return convert_to_safetensors(self, edit, out, progress)
+        with locked(self.path):
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                if os.fstat(fd).st_size != self.file_size:
+                    raise SourceError(f"{self.display} changed while paramctl was reading it; "
+                                      "run the command again")
+                new_pickle = self._pickle_edits(edit.requires_grad)
+                replacements: dict[str, NewRecord | Callable[[], NewRecord]] = {}
+                if new_pickle is not self.pickle_bytes:
+                    replacements[self.pickle_record.name] = NewRecord(new_pickle)
+                if edit.init:
+                    if edit.init_fn is None:
+                        raise AssertionError("init without init_fn")
+                    by_record: dict[str, list[str]] = {}
+                    for name in edit.init:
+                        rec = self._storage_record(self.tensors[name])
+                        by_record.setdefault(rec.name, []).append(name)
+                    for rec_name, names in by_record.items():
+                        replacements[rec_name] = self._init_record(
+                            fd, self.by_name[rec_name], sorted(names), edit.init_fn)
+                align = self._alignment(fd)
+                with atomic_write(target, mode_from=self.path) as dst:
+                    write_zip(fd, dst.fileno(), self.records, replacements, align=align,
+                              progress=progress)
+            finally:
+                os.close(fd)
+        return target
+
+    # -- tensors for the Python API ------------------------------------------------------
+    def load_tensors(self) -> dict[str, Any]:
+        """Real tensors (memory-mapped) keyed by name, through torch's own loader."""
+        import torch
+
+        try:
+            root = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for bad files
+            raise CorruptFileError(f"{self.display}: torch.load failed: {exc}") from None
+        node: Any = root
+        for k in self.key_path:
+            node = node[k]
+        return {str(k): v for k, v in node.items() if isinstance(v, torch.Tensor)}
+
+
+def _detect(spec: str) -> bool:
+    return spec.lower().endswith(EXTENSIONS) and not os.path.isdir(spec) and (
+        os.path.exists(spec) or ":" not in spec
+    )
+
+
+register("pt", _detect, PtSource)

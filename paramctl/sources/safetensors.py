@@ -1,0 +1,303 @@
+"""``.safetensors`` files: header-only reads, header rewrite plus streamed data copy.
+
+The frozen state lives in ``__metadata__["paramctl.frozen"]``, a JSON array of names.
+Every other metadata entry and every tensor byte is carried through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from paramctl.errors import CorruptFileError, OperationError, SourceError
+from paramctl.fileio import atomic_write, copy_range, locked
+from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo
+from paramctl.sources.base import Edit, OpenOptions, register
+from paramctl.sources.pt import open_file
+
+__all__ = [
+    "FROZEN_KEY",
+    "Header",
+    "SafetensorsSource",
+    "TensorEntry",
+    "encode_header",
+    "read_header",
+]
+
+FROZEN_KEY = "paramctl.frozen"
+MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype codes -> torch dtype names
+DTYPES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "C64": "complex64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+CODES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str  # torch name
+    shape: tuple[int, ...]
+    begin: int  # relative to the data section
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated header; ``data_start`` is the absolute data offset."""
+
+    tensors: list[TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+    data_size: int
+    raw: bytes
+
+    @property
+    def frozen(self) -> set[str]:
+        raw = self.metadata.get(FROZEN_KEY)
+        if raw is None:
+            return set()
+        try:
+            names = json.loads(raw)
+        except ValueError:
+            names = None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CorruptFileError(f"__metadata__[{FROZEN_KEY!r}] is not a JSON array of names")
+        return set(names)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise CorruptFileError(f"duplicate entry {key!r} in the header")
+        out[key] = value
+    return out
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
+
+
+def read_header(fd: int, path: str, file_size: int) -> Header:
+    """Parse and validate the header of an open safetensors file without reading data."""
+    if file_size == 0:
+        raise CorruptFileError(f"{path}: the file is empty")
+    if file_size < 8:
+        raise CorruptFileError(f"{path}: too short to be a safetensors file")
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if n > MAX_HEADER_BYTES:
+        raise CorruptFileError(f"{path}: header length {n} is over the {MAX_HEADER_BYTES} "
+                               "byte limit (not a safetensors file?)")
+    if 8 + n > file_size:
+        raise CorruptFileError(f"{path}: header length {n} is larger than the file "
+                               "(truncated or not a safetensors file)")
+    raw = os.pread(fd, n, 8)
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except CorruptFileError as exc:
+        raise CorruptFileError(f"{path}: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CorruptFileError(f"{path}: header is not valid JSON "
+                               "(not a safetensors file?)") from None
+    if not isinstance(doc, dict):
+        raise CorruptFileError(f"{path}: header is not a JSON object")
+    meta = doc.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptFileError(f"{path}: __metadata__ must map strings to strings")
+    data_start = 8 + n
+    data_size = file_size - data_start
+    entries: list[TensorEntry] = []
+    for name, info in doc.items():
+        if not isinstance(info, dict):
+            raise CorruptFileError(f"{path}: entry {name!r} is not an object")
+        code = info.get("dtype")
+        if code not in DTYPES:
+            raise CorruptFileError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2:
+            raise CorruptFileError(f"{path}: tensor {name!r} has a malformed shape or offsets")
+        entry = TensorEntry(name, DTYPES[code], tuple(shape), offsets[0], offsets[1])
+        if entry.begin > entry.end or entry.end > data_size:
+            raise CorruptFileError(f"{path}: tensor {name!r} lies outside the data section")
+        if entry.end - entry.begin != entry.numel * DTYPE_SIZES[entry.dtype]:
+            raise CorruptFileError(f"{path}: tensor {name!r} has {entry.end - entry.begin} "
+                                   f"bytes but its shape and dtype need "
+                                   f"{entry.numel * DTYPE_SIZES[entry.dtype]}")
+        entries.append(entry)
+    by_offset = sorted(entries, key=lambda e: (e.begin, e.end))
+    for prev, cur in zip(by_offset, by_offset[1:], strict=False):
+        if cur.begin < prev.end:
+            raise CorruptFileError(f"{path}: tensors {prev.name!r} and {cur.name!r} overlap")
+    return Header(entries, meta, data_start, data_size, raw)
+
+
+def encode_header(tensors: list[TensorEntry], metadata: dict[str, str]) -> bytes:
+    """Serialise a header (with its 8-byte length), space-padded to a multiple of 8."""
+    doc: dict[str, Any] = {}
+    if metadata:
+        doc["__metadata__"] = metadata
+    for e in tensors:
+        doc[e.name] = {"dtype": CODES[e.dtype], "shape": list(e.shape),
+                       "data_offsets": [e.begin, e.end]}
+    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body += b" " * ((-len(body)) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+def frozen_metadata(metadata: dict[str, str], frozen: set[str]) -> dict[str, str]:
+    """``metadata`` with the frozen list set (or removed when nothing is frozen)."""
+    out = {k: v for k, v in metadata.items() if k != FROZEN_KEY}
+    if frozen:
+        out[FROZEN_KEY] = json.dumps(sorted(frozen))
+    return out
+
+
+class SafetensorsSource:
+    format = "safetensors"
+
+    def __init__(self, path: str, options: OpenOptions) -> None:
+        self.display = path
+        self.path = Path(path)
+        if options.key:
+            raise SourceError("--key applies to torch checkpoints; a safetensors file holds "
+                              "one flat set of tensors")
+        fd, size = open_file(path)
+        try:
+            self.header = read_header(fd, path, size)
+        finally:
+            os.close(fd)
+        self.file_size = size
+        self.entries = {e.name: e for e in self.header.tensors}
+        try:
+            self.frozen = self.header.frozen
+        except CorruptFileError as exc:
+            raise CorruptFileError(f"{path}: {exc}") from None
+
+    def params(self) -> list[ParamInfo]:
+        return [
+            ParamInfo(
+                name=e.name, shape=e.shape, dtype=e.dtype, numel=e.numel,
+                nbytes=e.end - e.begin,
+                requires_grad=e.dtype in FLOAT_DTYPES and e.name not in self.frozen,
+            )
+            for e in self.header.tensors
+        ]
+
+    def total_bytes(self) -> int:
+        return self.file_size
+
+    def new_frozen(self, edit: Edit) -> set[str]:
+        frozen = set(self.frozen) & set(self.entries)
+        for name, want in edit.requires_grad.items():
+            if want:
+                frozen.discard(name)
+            else:
+                frozen.add(name)
+        return frozen
+
+    def write(self, edit: Edit, out: Path | None,
+              progress: Callable[[int], None] | None = None) -> Path:
+        if out is not None and out.suffix != ".safetensors":
+            from paramctl.convert import convert_to_pt
+
+            return convert_to_pt(self, edit, out, progress)
+        target = out or self.path
+        frozen = self.new_frozen(edit)
+        if frozen == self.frozen:
+            header = struct.pack("<Q", len(self.header.raw)) + self.header.raw
+        else:
+            header = encode_header(self.header.tensors,
+                                   frozen_metadata(self.header.metadata, frozen))
+        with locked(self.path):
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                if os.fstat(fd).st_size != self.file_size:
+                    raise SourceError(f"{self.display} changed while paramctl was reading it; "
+                                      "run the command again")
+                with atomic_write(target, mode_from=self.path) as dst:
+                    _write(dst.fileno(), header)
+                    self._copy_data(fd, dst.fileno(), edit, progress)
+            finally:
+                os.close(fd)
+        return target
+
+    def _copy_data(self, src: int, dst: int, edit: Edit,
+                   progress: Callable[[int], None] | None) -> None:
+        """Copy the data section, re-initialising ``edit.init`` tensors on the way."""
+        start = self.header.data_start
+        pending = 0  # begin of the not-yet-copied run of unchanged bytes
+        for e in sorted(self.header.tensors, key=lambda e: e.begin):
+            if e.name not in edit.init:
+                continue
+            if e.begin > pending:
+                copy_range(src, dst, start + pending, e.begin - pending, progress)
+            _write(dst, self._initialised(src, e, edit))
+            if progress is not None:
+                progress(e.end - e.begin)
+            pending = e.end
+        if self.header.data_size > pending:
+            copy_range(src, dst, start + pending, self.header.data_size - pending, progress)
+
+    def _initialised(self, src: int, e: TensorEntry, edit: Edit) -> bytearray:
+        from paramctl.tensors import frombuffer
+
+        if edit.init_fn is None:
+            raise AssertionError("init without init_fn")
+        buf = bytearray(os.pread(src, e.end - e.begin, self.header.data_start + e.begin))
+        if len(buf) != e.end - e.begin:
+            raise OperationError(f"{self.display}: truncated data for {e.name!r}")
+        edit.init_fn(e.name, frombuffer(buf, e.dtype).view(e.shape))
+        return buf
+
+    def load_tensors(self) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(self.path)))
+        except Exception as exc:  # the Rust loader raises its own error type
+            raise CorruptFileError(f"{self.display}: {exc}") from None
+
+
+def _write(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _detect(spec: str) -> bool:
+    return spec.lower().endswith(".safetensors") and not os.path.isdir(spec)
+
+
+register("safetensors", _detect, SafetensorsSource)
