@@ -74,29 +74,29 @@ def main(argv: list[str] | None = None) -> None:
     # A size limit must surface as an error and a clean-up, not kill the process.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # Piped into `head`: die quietly of SIGPIPE like other Unix tools. Rewrites finish
+    # (atomically) before anything is printed, so this never cuts a save short.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     command = typer.main.get_command(app)
     try:
         code = command.main(args, prog_name="paramctl", standalone_mode=False)
-    except typer._click.exceptions.UsageError as exc:  # type: ignore[attr-defined]
-        hint = f" (see 'paramctl {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent \
-            else " (see 'paramctl --help')"
-        sys.stderr.write(f"error: {exc.format_message()}{hint}\n")
-        code = 2
-    except typer._click.exceptions.Abort:  # type: ignore[attr-defined]
-        sys.stderr.write("error: interrupted\n")
-        code = 130
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         code = 130
-    except BrokenPipeError:
-        # The reader (head, grep -q) went away: that is not an error of ours.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        code = 0
     except Exception as exc:
-        if debug:
+        # Typer vendors click in some versions and not in others: match by shape.
+        if getattr(exc, "exit_code", None) == 2 and hasattr(exc, "format_message"):
+            ctx = getattr(exc, "ctx", None)
+            where = f"paramctl {ctx.info_name}" if ctx is not None and ctx.parent else "paramctl"
+            sys.stderr.write(f"error: {exc.format_message()} (see '{where} --help')\n")
+            code = 2
+        elif type(exc).__name__ == "Abort":
+            sys.stderr.write("error: interrupted\n")
+            code = 130
+        elif debug:
             raise
-        sys.stderr.write(f"error: internal error: {type(exc).__name__}: {exc} (run again with "
-                         "--debug for the traceback, and please report it)\n")
-        code = 1
+        else:
+            sys.stderr.write(f"error: internal error: {type(exc).__name__}: {exc} (run again "
+                             "with --debug for the traceback, and please report it)\n")
+            code = 1
     sys.exit(code if isinstance(code, int) else 0)
