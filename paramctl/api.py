@@ -222,7 +222,7 @@ def save_module(model: nn.Module, out: Path) -> Path:
 
         flat: dict[str, torch.Tensor] = {}
         for name, t in state.items():
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape))
             if t.numel() and key in seen:
                 continue  # a tied name: safetensors keeps one copy
             seen.add(key)

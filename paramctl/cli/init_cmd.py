@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -27,6 +28,9 @@ from paramctl.cli.common import (
     progress_for,
 )
 from paramctl.errors import UsageError
+
+if TYPE_CHECKING:
+    from paramctl.rules import Step
 
 INIT_EXAMPLES = """
 Examples:
@@ -59,8 +63,11 @@ FormatOpt = Annotated[str | None, typer.Option(
     show_default=False)]
 
 
-def _run(source: str, steps_from: object, seed: int | None, out: Path | None, dry_run: bool,
-         allow_empty: bool, fmt: str | None, headers: bool | None, key: str | None,
+StepsFactory = Callable[[], tuple[list["Step"], int | None]]
+
+
+def _run(source: str, steps_from: StepsFactory, seed: int | None, out: Path | None,
+         dry_run: bool, allow_empty: bool, fmt: str | None, headers: bool | None, key: str | None,
          strip_prefix: str | None, arg: list[str] | None, weights: Path | None,
          unsafe_load: bool, quiet: bool, debug: bool) -> None:
     from paramctl.core import change
@@ -68,7 +75,7 @@ def _run(source: str, steps_from: object, seed: int | None, out: Path | None, dr
 
     with handle_errors(debug):
         shown = output_format(fmt, FORMATS)
-        steps, file_seed = steps_from() if callable(steps_from) else (steps_from, None)
+        steps, file_seed = steps_from()
         bar = progress_for("writing", quiet)
         try:
             result = change(source, steps, options=options(key, arg, weights, unsafe_load),
@@ -103,7 +110,7 @@ def init_command(
 ) -> None:
     """Re-initialise what each rule selects with a torch.nn.init function, and save."""
 
-    def steps() -> tuple[list[object], None]:
+    def steps() -> tuple[list[Step], int | None]:
         from paramctl.rules import parse_init_rule, steps_from_rules
 
         if not rules:
@@ -135,7 +142,7 @@ def apply_command(
 ) -> None:
     """Apply an ordered TOML rules file (freeze, unfreeze, init) in one load and one save."""
 
-    def steps() -> tuple[list[object], int | None]:
+    def steps() -> tuple[list[Step], int | None]:
         from paramctl.rules import load_rules_file
 
         loaded, file_seed = load_rules_file(rules_file)
