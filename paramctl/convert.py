@@ -9,7 +9,6 @@ what ``torch.save`` writes for a plain state dict (frozen tensors as
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import zlib
@@ -27,8 +26,7 @@ from paramctl.sources.zipio import NewRecord, Record, write_zip
 if TYPE_CHECKING:
     from paramctl.sources.base import Edit
 
-__all__ = ["TensorSpec", "convert_to_pt", "convert_to_safetensors", "write_pt",
-           "write_safetensors"]
+__all__ = ["TensorSpec", "convert", "output_kind", "write_pt", "write_safetensors"]
 
 _STORAGE_FOR = {v: k for k, v in STORAGE_DTYPES.items()}
 
@@ -216,17 +214,29 @@ def write_pt(out: Path, specs: Sequence[TensorSpec], progress: Progress | None =
     return out
 
 
-# -- conversions between the single-file formats ----------------------------------------------
-def _pt_specs(source: Any, edit: Edit, fd: int) -> list[TensorSpec]:
-    from paramctl.sources.pt import PtSource
+# -- conversions between formats -----------------------------------------------------------
+PT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
-    assert isinstance(source, PtSource)
+
+def output_kind(out: Path) -> str:
+    """``safetensors``, ``pt`` or ``sharded`` (a folder) for an ``-o`` path."""
+    if out.suffix == ".safetensors":
+        return "safetensors"
+    if out.suffix in PT_SUFFIXES:
+        return "pt"
+    if out.is_dir() or not out.suffix or str(out).endswith(os.sep):
+        return "sharded"
+    raise OperationError(f"-o {out}: unknown output type; use .pt, .safetensors or a folder "
+                         "(sharded safetensors)")
+
+
+def _pt_specs(source: Any, edit: Edit, fd: int) -> list[TensorSpec]:
     frozen_now = {p.name for p in source.params() if not p.requires_grad}
     specs = []
     for p in source.params():
         ref = source.tensors[p.name]
         rec = source._storage_record(ref)
-        frozen = edit.requires_grad.get(p.name, p.name not in frozen_now) is False
+        frozen = not edit.requires_grad.get(p.name, p.name not in frozen_now)
         contiguous = ref.stride == _contiguous_stride(ref.shape) and ref.offset == 0 \
             and p.nbytes == rec.size
         if contiguous and p.name not in edit.init:
@@ -239,6 +249,8 @@ def _pt_specs(source: Any, edit: Edit, fd: int) -> list[TensorSpec]:
 
 def _pt_loader(source: Any, fd: int, name: str, edit: Edit) -> Callable[[], bytes]:
     def load() -> bytes:
+        import torch
+
         from paramctl.tensors import frombuffer
 
         ref = source.tensors[name]
@@ -248,47 +260,24 @@ def _pt_loader(source: Any, fd: int, name: str, edit: Edit) -> Callable[[], byte
         tensor = view.contiguous().clone()
         if name in edit.init and edit.init_fn is not None:
             edit.init_fn(name, tensor)
-        return bytes(tensor.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+        return bytes(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
 
     return load
 
 
-def convert_to_safetensors(source: Any, edit: Edit, out: Path,
-                           progress: Progress | None = None) -> Path:
-    """Write a torch zip's state dict (with ``edit`` applied) as ``.safetensors``."""
-    from paramctl.errors import UsageError
-
-    if source.key_path and source.options.key is None:
-        raise UsageError(
-            f"{source.display} holds more than a state dict (under "
-            f"{'.'.join(source.key_path)!r}); safetensors stores only tensors, so the rest "
-            f"would be lost. Pass --key {'.'.join(source.key_path)} to convert just the weights"
-        )
-    fd = os.open(source.path, os.O_RDONLY)
-    try:
-        return write_safetensors(out, _pt_specs(source, edit, fd), {"format": "pt"}, progress)
-    finally:
-        os.close(fd)
-
-
-def convert_to_pt(source: Any, edit: Edit, out: Path, progress: Progress | None = None) -> Path:
-    """Write a safetensors file (with ``edit`` applied) as a torch zip checkpoint."""
-    fd = os.open(source.path, os.O_RDONLY)
-    try:
-        frozen = source.new_frozen(edit)
-        specs = []
-        start = source.header.data_start
-        for e in source.header.tensors:
-            nbytes = e.end - e.begin
-            if e.name in edit.init:
-                specs.append(TensorSpec(e.name, e.dtype, e.shape, e.name in frozen, nbytes,
-                                        load=_st_loader(source, fd, e, edit)))
-            else:
-                specs.append(TensorSpec(e.name, e.dtype, e.shape, e.name in frozen, nbytes, fd,
-                                        start + e.begin))
-        return write_pt(out, specs, progress)
-    finally:
-        os.close(fd)
+def _st_specs(source: Any, edit: Edit, fd: int) -> list[TensorSpec]:
+    frozen = source.new_frozen(edit)
+    specs = []
+    start = source.header.data_start
+    for e in source.header.tensors:
+        nbytes = e.end - e.begin
+        if e.name in edit.init:
+            specs.append(TensorSpec(e.name, e.dtype, e.shape, e.name in frozen, nbytes,
+                                    load=_st_loader(source, fd, e, edit)))
+        else:
+            specs.append(TensorSpec(e.name, e.dtype, e.shape, e.name in frozen, nbytes, fd,
+                                    start + e.begin))
+    return specs
 
 
 def _st_loader(source: Any, fd: int, entry: Any, edit: Edit) -> Callable[[], bytearray]:
@@ -299,5 +288,33 @@ def _st_loader(source: Any, fd: int, entry: Any, edit: Edit) -> Callable[[], byt
     return load
 
 
-def metadata_json(names: Iterable[str]) -> str:
-    return json.dumps(sorted(names))
+def convert(source: Any, edit: Edit, out: Path, progress: Progress | None = None) -> Path:
+    """Write a single-file source (with ``edit`` applied) as ``out``'s format, streaming."""
+    from paramctl.errors import UsageError
+    from paramctl.sources.sharded import write_sharded
+
+    kind = output_kind(out)
+    if source.format == "pt" and source.key_path and source.options.key is None:
+        raise UsageError(
+            f"{source.display} holds more than a state dict (under "
+            f"{'.'.join(source.key_path)!r}); the other format stores only tensors, so the "
+            f"rest would be lost. Pass --key {'.'.join(source.key_path)} to convert just the "
+            "weights"
+        )
+    fd = os.open(source.path, os.O_RDONLY)
+    try:
+        specs = _pt_specs(source, edit, fd) if source.format == "pt" else \
+            _st_specs(source, edit, fd)
+        meta = {"format": "pt"}
+        if source.format == "safetensors":
+            meta = {k: v for k, v in source.header.metadata.items() if k != "paramctl.frozen"}
+        if kind == "safetensors":
+            return write_safetensors(out, specs, meta, progress)
+        if kind == "pt":
+            return write_pt(out, specs, progress)
+        if edit.max_shard_size is None:
+            raise UsageError(f"-o {out} is a folder: pass --max-shard-size (e.g. 5GB) to split "
+                             "into sharded safetensors")
+        return write_sharded(out, specs, edit.max_shard_size, meta, progress)
+    finally:
+        os.close(fd)

@@ -170,6 +170,7 @@ def make_init_fn(rules: dict[str, InitRule], seed: int | None
 def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = None,
            prefix: str | None = None, out: Path | None = None, dry_run: bool = False,
            allow_empty: bool = False, seed: int | None = None,
+           max_shard_size: int | None = None,
            progress: Callable[[int, int], None] | None = None) -> ChangeResult:
     """Apply freeze/unfreeze/init ``steps`` to ``spec`` and save (unless ``dry_run``).
 
@@ -190,6 +191,7 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
         requires_grad=flag_edits,
         init=frozenset(stored_rules),
         init_fn=make_init_fn(stored_rules, seed) if stored_rules else None,
+        max_shard_size=max_shard_size,
     )
     total = view.source.total_bytes()
     step = (lambda n: progress(n, total)) if progress is not None else None

@@ -37,6 +37,9 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would chan
                                          "nothing.")]
 AllowEmptyOpt = Annotated[bool, typer.Option(
     "--allow-empty", help="A pattern that matches nothing is not an error.")]
+ShardOpt = Annotated[str | None, typer.Option(
+    "--max-shard-size", help="With -o FOLDER: split into sharded safetensors of at most this "
+    "size (e.g. 5GB, 500MB).")]
 ExcludeOpt = Annotated[list[str] | None, typer.Option(
     "--exclude", "-x", help="Remove matches of this pattern (repeatable); wins over includes.")]
 
@@ -50,6 +53,26 @@ def options(key: str | None, args: list[str] | None, weights: Path | None, unsaf
         warn("--unsafe-load: pickled objects in the checkpoint may run code on this machine")
     return OpenOptions(key=key, args=parse_args(args or []), weights=weights,
                        unsafe_load=unsafe, buffers=buffers)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | None) -> int | None:
+    """``5GB`` -> 5_000_000_000, ``512MiB`` -> 536_870_912."""
+    if text is None:
+        return None
+    raw = text.strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1
+    if unit not in _UNITS or value <= 0:
+        raise UsageError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MiB")
+    return int(value * _UNITS[unit])
 
 
 def warn(message: str) -> None:

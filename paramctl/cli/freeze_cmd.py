@@ -17,6 +17,7 @@ from paramctl.cli.common import (
     KeyOpt,
     OutOpt,
     QuietOpt,
+    ShardOpt,
     SourceArg,
     StripOpt,
     UnsafeOpt,
@@ -24,6 +25,7 @@ from paramctl.cli.common import (
     handle_errors,
     options,
     output_format,
+    parse_size,
     progress_for,
     read_names,
 )
@@ -60,7 +62,7 @@ def _run(kind: str, source: str, patterns: list[str] | None, exclude: list[str] 
          names_from: str | None, out: object, dry_run: bool, allow_empty: bool, fmt: str | None,
          headers: bool | None, key: str | None, strip_prefix: str | None,
          arg: list[str] | None, weights: object, unsafe_load: bool, quiet: bool,
-         debug: bool) -> None:
+         debug: bool, max_shard_size: str | None = None) -> None:
     from pathlib import Path
 
     from paramctl.core import change
@@ -81,7 +83,8 @@ def _run(kind: str, source: str, patterns: list[str] | None, exclude: list[str] 
         try:
             result = change(source, [step], options=opts, prefix=strip_prefix,
                             out=Path(str(out)) if out else None, dry_run=dry_run,
-                            allow_empty=allow_empty, progress=bar)
+                            allow_empty=allow_empty, progress=bar,
+                            max_shard_size=parse_size(max_shard_size))
         finally:
             bar.close()
         if not quiet:
@@ -95,6 +98,7 @@ def freeze_command(
     exclude: ExcludeOpt = None,
     names_from: NamesFromOpt = None,
     output: OutOpt = None,
+    max_shard_size: ShardOpt = None,
     dry_run: DryRunOpt = False,
     allow_empty: AllowEmptyOpt = False,
     fmt: FormatOpt = None,
@@ -109,7 +113,7 @@ def freeze_command(
 ) -> None:
     """Freeze (requires_grad=False) what the patterns select, and save it in the file."""
     _run("freeze", source, patterns, exclude, names_from, output, dry_run, allow_empty, fmt,
-         headers, key, strip_prefix, arg, weights, unsafe_load, quiet, debug)
+         headers, key, strip_prefix, arg, weights, unsafe_load, quiet, debug, max_shard_size)
 
 
 def unfreeze_command(
@@ -118,6 +122,7 @@ def unfreeze_command(
     exclude: ExcludeOpt = None,
     names_from: NamesFromOpt = None,
     output: OutOpt = None,
+    max_shard_size: ShardOpt = None,
     dry_run: DryRunOpt = False,
     allow_empty: AllowEmptyOpt = False,
     fmt: FormatOpt = None,
@@ -132,4 +137,4 @@ def unfreeze_command(
 ) -> None:
     """Unfreeze (requires_grad=True) what the patterns select, and save it in the file."""
     _run("unfreeze", source, patterns, exclude, names_from, output, dry_run, allow_empty, fmt,
-         headers, key, strip_prefix, arg, weights, unsafe_load, quiet, debug)
+         headers, key, strip_prefix, arg, weights, unsafe_load, quiet, debug, max_shard_size)

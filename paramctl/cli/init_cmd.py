@@ -18,6 +18,7 @@ from paramctl.cli.common import (
     KeyOpt,
     OutOpt,
     QuietOpt,
+    ShardOpt,
     SourceArg,
     StripOpt,
     UnsafeOpt,
@@ -25,6 +26,7 @@ from paramctl.cli.common import (
     handle_errors,
     options,
     output_format,
+    parse_size,
     progress_for,
 )
 from paramctl.errors import UsageError
@@ -69,7 +71,7 @@ StepsFactory = Callable[[], tuple[list["Step"], int | None]]
 def _run(source: str, steps_from: StepsFactory, seed: int | None, out: Path | None,
          dry_run: bool, allow_empty: bool, fmt: str | None, headers: bool | None, key: str | None,
          strip_prefix: str | None, arg: list[str] | None, weights: Path | None,
-         unsafe_load: bool, quiet: bool, debug: bool) -> None:
+         unsafe_load: bool, quiet: bool, debug: bool, max_shard_size: str | None) -> None:
     from paramctl.core import change
     from paramctl.render import FORMATS, render_changes
 
@@ -81,7 +83,8 @@ def _run(source: str, steps_from: StepsFactory, seed: int | None, out: Path | No
             result = change(source, steps, options=options(key, arg, weights, unsafe_load),
                             prefix=strip_prefix, out=out, dry_run=dry_run,
                             allow_empty=allow_empty,
-                            seed=seed if seed is not None else file_seed, progress=bar)
+                            seed=seed if seed is not None else file_seed, progress=bar,
+                            max_shard_size=parse_size(max_shard_size))
         finally:
             bar.close()
         if not quiet:
@@ -96,6 +99,7 @@ def init_command(
              "trailing underscore.", show_default=False)] = None,
     seed: SeedOpt = None,
     output: OutOpt = None,
+    max_shard_size: ShardOpt = None,
     dry_run: DryRunOpt = False,
     allow_empty: AllowEmptyOpt = False,
     fmt: FormatOpt = None,
@@ -118,7 +122,7 @@ def init_command(
         return list(steps_from_rules([parse_init_rule(r) for r in rules])), None
 
     _run(source, steps, seed, output, dry_run, allow_empty, fmt, headers, key, strip_prefix,
-         arg, weights, unsafe_load, quiet, debug)
+         arg, weights, unsafe_load, quiet, debug, max_shard_size)
 
 
 def apply_command(
@@ -128,6 +132,7 @@ def apply_command(
         show_default=False)],
     seed: SeedOpt = None,
     output: OutOpt = None,
+    max_shard_size: ShardOpt = None,
     dry_run: DryRunOpt = False,
     allow_empty: AllowEmptyOpt = False,
     fmt: FormatOpt = None,
@@ -149,4 +154,4 @@ def apply_command(
         return list(loaded), file_seed
 
     _run(source, steps, seed, output, dry_run, allow_empty, fmt, headers, key, strip_prefix,
-         arg, weights, unsafe_load, quiet, debug)
+         arg, weights, unsafe_load, quiet, debug, max_shard_size)

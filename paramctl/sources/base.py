@@ -50,6 +50,8 @@ class Edit:
     requires_grad: Mapping[str, bool] = field(default_factory=dict)
     init: frozenset[str] = frozenset()
     init_fn: InitFn | None = None
+    # Output layout, not content: split a single-file source into shards of this size.
+    max_shard_size: int | None = None
 
     @property
     def empty(self) -> bool:

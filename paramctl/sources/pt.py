@@ -245,10 +245,10 @@ class PtSource:
     def write(self, edit: Edit, out: Path | None,
               progress: Callable[[int], None] | None = None) -> Path:
         target = out or self.path
-        if out is not None and out.suffix == ".safetensors":
-            from paramctl.convert import convert_to_safetensors
+        if out is not None and out.suffix.lower() not in EXTENSIONS:
+            from paramctl.convert import convert
 
-            return convert_to_safetensors(self, edit, out, progress)
+            return convert(self, edit, out, progress)
         with locked(self.path):
             fd = os.open(self.path, os.O_RDONLY)
             try:

@@ -230,9 +230,9 @@ class SafetensorsSource:
     def write(self, edit: Edit, out: Path | None,
               progress: Callable[[int], None] | None = None) -> Path:
         if out is not None and out.suffix != ".safetensors":
-            from paramctl.convert import convert_to_pt
+            from paramctl.convert import convert
 
-            return convert_to_pt(self, edit, out, progress)
+            return convert(self, edit, out, progress)
         target = out or self.path
         frozen = self.new_frozen(edit)
         if frozen == self.frozen:
