@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +79,12 @@ def _run(source: str, steps_from: StepsFactory, seed: int | None, out: Path | No
     with handle_errors(debug):
         shown = output_format(fmt, FORMATS)
         steps, file_seed = steps_from()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Under torchrun every rank must compute the same tensors; only rank 0 prints.
+            if seed is None and file_seed is None:
+                raise UsageError("running under torchrun: pass --seed N so that every rank "
+                                 "initialises the same values")
+            quiet = quiet or os.environ.get("RANK", "0") != "0"
         bar = progress_for("writing", quiet)
         try:
             result = change(source, steps, options=options(key, arg, weights, unsafe_load),

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from paramctl.sources import sharded  # noqa: I001  (detectors run in import order)
-from paramctl.sources import module, pt, safetensors
+from paramctl.sources import dcp, module, pt, safetensors, sharded
 from paramctl.sources.base import Edit, OpenOptions, Source, open_source
 
 __all__ = [
-    "Edit", "OpenOptions", "Source", "module", "open_source", "pt", "safetensors", "sharded",
+    "Edit", "OpenOptions", "Source", "dcp", "module", "open_source", "pt", "safetensors",
+    "sharded",
 ]

@@ -1,0 +1,461 @@
+"""torch.distributed.checkpoint (DCP) folders: a ``.metadata`` file plus ``*.distcp`` data.
+
+``list`` reads ``.metadata`` alone through the restricted pickle machine, extended with
+the handful of DCP dataclasses it holds (``Metadata``, ``TensorStorageMetadata``...), so no
+torch import and no code from the file. The frozen state lives beside the data in
+``.paramctl.json`` (``{"frozen": [...]}``): DCP ignores files it does not reference, so
+``torch.distributed.checkpoint.load`` still accepts the folder. ``init`` and conversions go
+through torch.distributed.checkpoint itself; non-tensor entries are carried as their raw
+stored bytes and are never unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from paramctl.errors import (
+    CorruptFileError,
+    OperationError,
+    SourceError,
+    UnsafeFileError,
+    UsageError,
+)
+from paramctl.fileio import TEMP_MARK, atomic_write, copy_range, locked
+from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo
+from paramctl.sources.base import Edit, OpenOptions, register
+from paramctl.sources.pickle_vm import _DTYPE_ALIASES, _DTYPE_GLOBALS, Global, _Machine
+
+__all__ = ["FROZEN_FILE", "DcpSource", "read_metadata"]
+
+FROZEN_FILE = ".paramctl.json"
+METADATA = ".metadata"
+MAX_METADATA_BYTES = 1 << 30
+
+_DCP = "torch.distributed.checkpoint.metadata"
+_RECORD_CLASSES = {
+    (_DCP, "Metadata"),
+    (_DCP, "TensorStorageMetadata"),
+    (_DCP, "BytesStorageMetadata"),
+    (_DCP, "TensorProperties"),
+    (_DCP, "ChunkStorageMetadata"),
+    (_DCP, "MetadataIndex"),
+    (_DCP, "StorageMeta"),
+    (_DCP, "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+@dataclass(eq=False)
+class Obj:
+    """An instance of an allowlisted DCP class, kept as plain data (never constructed)."""
+
+    cls: str
+    args: tuple[Any, ...] = ()
+    state: Any = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.attrs.get(name, default)
+
+
+class _DcpMachine(_Machine):
+    def _global(self, module: str, name: str, pos: int) -> None:
+        if (module, name) in _RECORD_CLASSES:
+            self.push(Global(module, name), pos)
+            return
+        super()._global(module, name, pos)
+
+    def _call(self, func: Global, args: tuple[Any, ...], spans: Any, span: Any) -> Any:
+        if (func.module, func.name) in _RECORD_CLASSES:
+            return Obj(func.name, args)
+        return super()._call(func, args, spans, span)
+
+    def op_NEWOBJ(self, arg: Any, pos: int, end: int) -> None:
+        args, _ = self.pop()
+        cls, start = self.pop()
+        if isinstance(cls, Global) and (cls.module, cls.name) in _RECORD_CLASSES and \
+                isinstance(args, tuple):
+            self.push(Obj(cls.name, args), start)
+            return
+        self.push(cls, start)
+        self.push(args, start)
+        super().op_NEWOBJ(arg, pos, end)
+
+    def op_BUILD(self, arg: Any, pos: int, end: int) -> None:
+        state, _ = self.pop()
+        target = self.top()
+        if isinstance(target, Obj):
+            target.state = state
+            if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+                state = {**(state[0] or {}), **state[1]}  # (dict, slots)
+            if isinstance(state, dict):
+                target.attrs.update({str(k): v for k, v in state.items()})
+            return
+        self.push(state, pos)
+        super().op_BUILD(arg, pos, end)
+
+
+@dataclass(frozen=True)
+class DcpEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class DcpMetadata:
+    tensors: list[DcpEntry]
+    byte_entries: list[str]
+    storage: dict[tuple[str, tuple[int, ...]], tuple[str, int, int, bool]]
+
+
+def _dtype(value: Any, where: str) -> str:
+    if isinstance(value, Global) and value.module == "torch" and value.name in _DTYPE_GLOBALS:
+        return _DTYPE_ALIASES.get(value.name, value.name)
+    raise CorruptFileError(f"{where}: unknown dtype in DCP metadata")
+
+
+def read_metadata(folder: Path) -> DcpMetadata:
+    """Parse ``folder/.metadata`` without torch; validate what the commands rely on."""
+    path = folder / METADATA
+    try:
+        size = path.stat().st_size
+        if size > MAX_METADATA_BYTES:
+            raise CorruptFileError(f"{path}: implausibly large ({size} bytes)")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SourceError(f"{folder}: not a DCP checkpoint (no {METADATA})") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror}") from None
+    if not data:
+        raise CorruptFileError(f"{path}: the file is empty")
+    try:
+        root = _DcpMachine(data).run()
+    except (CorruptFileError, UnsafeFileError) as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+    except RecursionError:
+        raise CorruptFileError(f"{path}: pickle is nested too deeply") from None
+    except (ValueError, KeyError, IndexError, TypeError, struct.error, UnicodeError,
+            OverflowError, MemoryError) as exc:
+        raise CorruptFileError(f"{path}: malformed pickle: {exc}") from None
+    if not isinstance(root, Obj) or root.cls != "Metadata":
+        raise CorruptFileError(f"{path}: not DCP metadata")
+    sdm = root.get("state_dict_metadata")
+    if not isinstance(sdm, dict):
+        raise CorruptFileError(f"{path}: metadata has no state_dict_metadata")
+    tensors: list[DcpEntry] = []
+    byte_entries: list[str] = []
+    for name, meta in sdm.items():
+        if not isinstance(meta, Obj):
+            raise CorruptFileError(f"{path}: malformed entry for {name!r}")
+        if meta.cls == "BytesStorageMetadata":
+            byte_entries.append(str(name))
+            continue
+        if meta.cls != "TensorStorageMetadata":
+            raise CorruptFileError(f"{path}: unknown entry type {meta.cls} for {name!r}")
+        props = meta.get("properties")
+        state = props.state if isinstance(props, Obj) else None
+        dtype_value = state[0] if isinstance(state, tuple) and state else \
+            props.get("dtype") if isinstance(props, Obj) else None
+        shape = meta.get("size")
+        if isinstance(shape, Obj):
+            shape = shape.args[0] if shape.args else ()
+        if not isinstance(shape, tuple | list) or not all(
+                isinstance(d, int) and d >= 0 for d in shape):
+            raise CorruptFileError(f"{path}: malformed shape for {name!r}")
+        tensors.append(DcpEntry(str(name), _dtype(dtype_value, str(path)), tuple(shape)))
+    storage: dict[tuple[str, tuple[int, ...]], tuple[str, int, int, bool]] = {}
+    raw_storage = root.get("storage_data")
+    if isinstance(raw_storage, dict):
+        for index, info in raw_storage.items():
+            if isinstance(index, Obj) and isinstance(info, Obj):
+                fqn = index.get("fqn")
+                offset = index.get("offset")
+                key = (str(fqn), tuple(offset) if isinstance(offset, tuple | list) else ())
+                storage[key] = (str(info.get("relative_path")), int(info.get("offset", 0)),
+                                int(info.get("length", 0)),
+                                bool(info.get("transform_descriptors")))
+    return DcpMetadata(tensors, byte_entries, storage)
+
+
+def read_frozen(folder: Path) -> set[str]:
+    path = folder / FROZEN_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path}: unreadable ({exc})") from None
+    names = doc.get("frozen") if isinstance(doc, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CorruptFileError(f"{path}: expected {{\"frozen\": [names]}}")
+    return set(names)
+
+
+def _frozen_doc(frozen: set[str]) -> bytes:
+    return (json.dumps({"frozen": sorted(frozen)}, indent=2) + "\n").encode()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return bool(rc == 0)
+
+
+class DcpSource:
+    format = "dcp"
+
+    def __init__(self, spec: str, options: OpenOptions) -> None:
+        self.display = spec
+        self.folder = Path(spec)
+        self.options = options
+        if options.key:
+            raise SourceError("--key applies to torch checkpoints")
+        self.meta = read_metadata(self.folder)
+        self.frozen = read_frozen(self.folder)
+
+    def params(self) -> list[ParamInfo]:
+        out = []
+        for e in self.meta.tensors:
+            numel = 1
+            for d in e.shape:
+                numel *= d
+            out.append(ParamInfo(
+                name=e.name, shape=e.shape, dtype=e.dtype, numel=numel,
+                nbytes=numel * DTYPE_SIZES.get(e.dtype, 1),
+                requires_grad=e.dtype in FLOAT_DTYPES and e.name not in self.frozen))
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(p.nbytes for p in self.params())
+
+    def new_frozen(self, edit: Edit) -> set[str]:
+        frozen = self.frozen & {e.name for e in self.meta.tensors}
+        for name, want in edit.requires_grad.items():
+            (frozen.discard if want else frozen.add)(name)
+        return frozen
+
+    def write(self, edit: Edit, out: Path | None,
+              progress: Callable[[int], None] | None = None) -> Path:
+        frozen = self.new_frozen(edit)
+        if out is not None and out.suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+            return self._convert(edit, frozen, out, progress)
+        if not edit.init:
+            if out is None:
+                with atomic_write(self.folder / FROZEN_FILE) as fh:
+                    fh.write(_frozen_doc(frozen))
+                return self.folder
+            self._copy_folder(out, progress)
+            with atomic_write(out / FROZEN_FILE) as fh:
+                fh.write(_frozen_doc(frozen))
+            return out
+        return self._reinit(edit, frozen, out)
+
+    # -- copying and converting -------------------------------------------------------------
+    def _copy_folder(self, out: Path, progress: Callable[[int], None] | None) -> None:
+        if out.exists() and any(out.iterdir()):
+            raise UsageError(f"-o {out} exists and is not empty; name a new folder")
+        out.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(self.folder.iterdir()):
+            if entry.is_file() and entry.name != FROZEN_FILE and TEMP_MARK not in entry.name:
+                with open(entry, "rb") as fin, atomic_write(out / entry.name,
+                                                            mode_from=entry) as fh:
+                    copy_range(fin.fileno(), fh.fileno(), 0, entry.stat().st_size, progress)
+
+    def _load_tensors(self, names: list[str]) -> dict[str, Any]:
+        """Tensors by name through DCP's own loader (bytes entries are never touched)."""
+        import warnings
+
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        from paramctl.tensors import torch_dtype
+
+        by_name = {e.name: e for e in self.meta.tensors}
+        state = {n: torch.empty(by_name[n].shape, dtype=torch_dtype(by_name[n].dtype))
+                 for n in names}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                dcp.load(state, checkpoint_id=str(self.folder), no_dist=_no_dist())
+            except Exception as exc:  # DCP wraps reader errors in its own types
+                raise CorruptFileError(f"{self.display}: torch.distributed.checkpoint.load "
+                                       f"failed: {str(exc).splitlines()[0]}") from None
+        return state
+
+    def _convert(self, edit: Edit, frozen: set[str], out: Path,
+                 progress: Callable[[int], None] | None) -> Path:
+        from paramctl.convert import TensorSpec, write_pt, write_safetensors
+
+        def loader(name: str) -> Callable[[], bytes]:
+            def load() -> bytes:
+                import torch
+
+                tensor = self._load_tensors([name])[name]
+                if name in edit.init and edit.init_fn is not None:
+                    edit.init_fn(name, tensor)
+                return bytes(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            return load
+
+        specs = [TensorSpec(p.name, p.dtype, p.shape, p.name in frozen, p.nbytes,
+                            load=loader(p.name)) for p in self.params()]
+        if out.suffix == ".safetensors":
+            return write_safetensors(out, specs, {"format": "pt"}, progress)
+        return write_pt(out, specs, progress)
+
+    # -- re-initialising through DCP ----------------------------------------------------------
+    def _raw_bytes(self, name: str) -> _RawBytes:
+        hits = [v for (fqn, _), v in self.meta.storage.items() if fqn == name]
+        if len(hits) != 1:
+            raise OperationError(f"{self.display}: cannot locate the stored bytes of {name!r}")
+        rel, offset, length, transformed = hits[0]
+        if transformed:
+            raise OperationError(f"{self.display}: entry {name!r} is stored with a transform; "
+                                 "paramctl cannot carry it through a rewrite")
+        path = (self.folder / rel).resolve()
+        if self.folder.resolve() not in path.parents:
+            raise CorruptFileError(f"{self.display}: storage path {rel!r} leaves the folder")
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
+        if len(data) != length:
+            raise CorruptFileError(f"{self.display}: {rel} is truncated")
+        return _RawBytes(data)
+
+    def _reinit(self, edit: Edit, frozen: set[str], out: Path | None) -> Path:
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        dist = _dist_info()
+        if out is not None and out.exists() and any(out.iterdir()) and dist.rank == 0:
+            raise UsageError(f"-o {out} exists and is not empty; name a new folder")
+        state: dict[str, Any] = self._load_tensors([e.name for e in self.meta.tensors])
+        for name in sorted(edit.init):
+            if edit.init_fn is None:
+                raise AssertionError("init without init_fn")
+            edit.init_fn(name, state[name])
+        for name in self.meta.byte_entries:
+            state[name] = self._raw_bytes(name)
+        parent = (out or self.folder).resolve().parent
+        target = (out or self.folder).resolve()
+        tmp = Path(dist.shared(lambda: tempfile.mkdtemp(
+            prefix=f".{target.name}{TEMP_MARK}", suffix=".tmp", dir=parent)))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist(),
+                         planner=_raw_bytes_planner())
+            dist.barrier()
+            if dist.rank == 0:
+                (tmp / FROZEN_FILE).write_bytes(_frozen_doc(frozen))
+                _fsync_tree(tmp)
+                if out is not None:
+                    if target.exists():
+                        target.rmdir()  # checked empty above
+                    os.replace(tmp, target)
+                else:
+                    with locked(self.folder / METADATA):
+                        if not _exchange(tmp, target):
+                            backup = parent / f".{target.name}{TEMP_MARK}old.tmp"
+                            os.replace(target, backup)
+                            os.replace(tmp, target)
+                            tmp = backup
+                    shutil.rmtree(tmp, ignore_errors=True)
+            dist.barrier()
+        except BaseException:
+            if dist.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+
+class _RawBytes(io.BytesIO):
+    """A non-tensor entry's stored bytes, written back as they are (never unpickled)."""
+
+
+def _raw_bytes_planner() -> Any:
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    class RawBytesPlanner(DefaultSavePlanner):
+        def transform_object(self, write_item: Any, obj: Any) -> Any:
+            if isinstance(obj, _RawBytes):
+                return obj
+            return super().transform_object(write_item, obj)
+
+    return RawBytesPlanner()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for entry in folder.iterdir():
+        with contextlib.suppress(OSError), open(entry, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _no_dist() -> bool:
+    import torch.distributed as tdist
+
+    return not (tdist.is_available() and tdist.is_initialized())
+
+
+@dataclass
+class _Dist:
+    rank: int
+    world: int
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
+    def shared(self, make: Callable[[], str]) -> str:
+        """Run ``make`` on rank 0 and give every rank its result."""
+        if self.world == 1:
+            return make()
+        import torch.distributed as tdist
+
+        box = [make() if self.rank == 0 else None]
+        tdist.broadcast_object_list(box, src=0)
+        return str(box[0])
+
+
+def _dist_info() -> _Dist:
+    """Join the torchrun job (gloo) when launched as one; otherwise a single process."""
+    import torch.distributed as tdist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and tdist.is_available() and \
+            not tdist.is_initialized():
+        tdist.init_process_group("gloo")
+    if tdist.is_available() and tdist.is_initialized():
+        return _Dist(tdist.get_rank(), tdist.get_world_size())
+    return _Dist(0, 1)
+
+
+def _detect(spec: str) -> bool:
+    return os.path.isdir(spec) and os.path.isfile(os.path.join(spec, METADATA))
+
+
+register("dcp", _detect, DcpSource)
