@@ -6,9 +6,6 @@ so the list follows the installed torch rather than a hand-kept table.
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +28,8 @@ _HALF = {"float16", "bfloat16"}
 
 def init_functions() -> dict[str, Callable[..., Any]]:
     """``{"normal": torch.nn.init.normal_, ...}`` for every public in-place init function."""
+    import inspect
+
     import torch.nn.init as tinit
 
     out: dict[str, Callable[..., Any]] = {}
@@ -59,11 +58,15 @@ class InitRule:
 
     def seed_for(self, seed: int, name: str) -> int:
         """A 63-bit seed that depends on ``(seed, name, function and arguments)`` only."""
+        import hashlib
+
         digest = hashlib.sha256(f"{seed}\0{name}\0{self.call}".encode()).digest()
         return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _literal(node: ast.expr) -> Any:
+def _literal(node: Any) -> Any:
+    import ast
+
     if isinstance(node, ast.Name):  # bare words: nonlinearity=relu, mode=fan_out
         return node.id
     try:
@@ -73,6 +76,8 @@ def _literal(node: ast.expr) -> Any:
 
 
 def _signature_params(fn: Callable[..., Any]) -> list[str]:
+    import inspect
+
     return [p for p in inspect.signature(fn).parameters if p not in _HIDDEN_PARAMS]
 
 
@@ -82,6 +87,9 @@ def parse_init_rule(text: str) -> InitRule:
     >>> parse_init_rule("*.bias=zeros").call
     'zeros()'
     """
+    import ast
+    import inspect
+
     match = _RULE.match(text.strip())
     if match is None:
         raise UsageError(f"bad init rule {text!r}: expected PATTERN=FN or PATTERN=FN(arg=value), "
@@ -126,21 +134,34 @@ def parse_init_rule(text: str) -> InitRule:
     return rule
 
 
-def _check_values(rule: InitRule) -> None:
-    """Try the rule on a few meta tensors: a value that fails on every shape is a usage
-    error (``nonlinearity=foo``); a shape mismatch is decided per parameter later."""
+def _probe(shape: tuple[int, ...]) -> torch.Tensor:
+    """A small real CPU tensor standing in for ``shape`` when checking a rule.
+
+    Real rather than ``meta``: running init functions on meta tensors pulls in
+    torch.distributed and sympy (over a second of imports). Large shapes are shrunk; dims
+    (which decide whether xavier, eye, dirac... apply) are kept.
+    """
     import torch
 
-    last: Exception | None = None
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > 1 << 16:
+        shape = tuple(min(d, 16) for d in shape)
+    return torch.empty(shape)
+
+
+def _check_values(rule: InitRule) -> None:
+    """Try the rule on a few small tensors: a value that fails on every shape is a usage
+    error (``nonlinearity=foo``); a shape mismatch is decided per parameter later."""
+    first: Exception | None = None
     for shape in ((8, 8), (8, 8, 3), (8, 8, 3, 3), (8,)):
         try:
-            _call(rule, torch.empty(shape, device="meta"))
+            _call(rule, _probe(shape))
             return
-        except (NotImplementedError, RuntimeError):
-            return  # the meta device cannot run it; checked on real tensors instead
-        except (ValueError, TypeError, AssertionError) as exc:
-            last = exc
-    raise UsageError(f"init rule {rule.text!r}: {last}")
+        except (ValueError, TypeError, AssertionError, RuntimeError) as exc:
+            first = first or exc
+    raise UsageError(f"init rule {rule.text!r}: {first}")
 
 
 def _call(rule: InitRule, tensor: torch.Tensor) -> None:
@@ -151,16 +172,12 @@ def _call(rule: InitRule, tensor: torch.Tensor) -> None:
 def check_applies(rule: InitRule, name: str, shape: tuple[int, ...], dtype: str,
                   float_dtypes: frozenset[str]) -> None:
     """Raise :class:`OperationError` if ``rule`` cannot initialise this tensor."""
-    import torch
-
     if dtype not in float_dtypes:
         raise OperationError(f"cannot initialise {name} ({dtype}): init applies to "
                              "floating-point tensors only; exclude it from the pattern")
     try:
-        _call(rule, torch.empty(shape, device="meta"))
-    except (NotImplementedError, RuntimeError):
-        pass
-    except (ValueError, TypeError, AssertionError) as exc:
+        _call(rule, _probe(shape))
+    except (ValueError, TypeError, AssertionError, RuntimeError) as exc:
         shape_text = "x".join(map(str, shape)) or "scalar"
         raise OperationError(f"cannot initialise {name} ({shape_text}) with {rule.call}: "
                              f"{exc}") from None

@@ -11,14 +11,10 @@ stored bytes and are never unpickled.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import io
 import json
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +210,8 @@ def _frozen_doc(frozen: set[str]) -> bytes:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    import ctypes
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2
@@ -345,6 +343,8 @@ class DcpSource:
         return _RawBytes(data)
 
     def _reinit(self, edit: Edit, frozen: set[str], out: Path | None) -> Path:
+        import shutil
+        import tempfile
         import warnings
 
         import torch.distributed.checkpoint as dcp
@@ -409,6 +409,8 @@ def _raw_bytes_planner() -> Any:
 
 
 def _fsync_tree(folder: Path) -> None:
+    import contextlib
+
     for entry in folder.iterdir():
         with contextlib.suppress(OSError), open(entry, "rb") as fh:
             os.fsync(fh.fileno())
