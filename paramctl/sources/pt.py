@@ -292,10 +292,97 @@ class PtSource:
         return {str(k): v for k, v in node.items() if isinstance(v, torch.Tensor)}
 
 
+class UnsafePtSource:
+    """A checkpoint that needs real unpickling (a full ``nn.Module``, a legacy file, custom
+    objects). Only with ``--unsafe-load``: ``torch.load(weights_only=False)`` runs code from
+    the file. Rewrites re-save the whole object with ``torch.save``."""
+
+    format = "pt"
+
+    def __init__(self, path: str, options: OpenOptions) -> None:
+        import warnings
+
+        import torch
+
+        self.display = path
+        self.path = Path(path)
+        self.options = options
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.root = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # arbitrary code ran; anything can come out
+            raise CorruptFileError(f"{path}: torch.load failed: {type(exc).__name__}: "
+                                   f"{exc}") from None
+        self.module = self.root if isinstance(self.root, torch.nn.Module) else None
+        if self.module is None:
+            self.key_path, state = find_state_dict(
+                self.root, lambda v: isinstance(v, torch.Tensor), options.key, path=path)
+            self.state: dict[str, Any] = {str(k): v for k, v in state.items()
+                                          if isinstance(v, torch.Tensor)}
+            self.container = state
+
+    def params(self) -> list[ParamInfo]:
+        from paramctl.sources.module import module_params
+        from paramctl.tensors import dtype_name
+
+        if self.module is not None:
+            return module_params(self.module, buffers=True)
+        groups: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+        for name, t in self.state.items():
+            key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape))
+            groups.setdefault(key, []).append(name)
+        out = []
+        for name, t in self.state.items():
+            key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape))
+            dtype = dtype_name(t.dtype)
+            frozen = isinstance(t, __import__("torch").nn.Parameter) and not t.requires_grad
+            out.append(ParamInfo(name=name, shape=tuple(t.shape), dtype=dtype, numel=t.numel(),
+                                 nbytes=t.numel() * t.element_size(),
+                                 requires_grad=dtype in FLOAT_DTYPES and not frozen,
+                                 tied=tuple(n for n in groups[key] if n != name)))
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(p.nbytes for p in self.params())
+
+    def write(self, edit: Edit, out: Path | None,
+              progress: Callable[[int], None] | None = None) -> Path:
+        import torch
+
+        target = out or self.path
+        if self.module is not None:
+            from paramctl.api import apply_edit
+
+            apply_edit(self.module, edit)
+        else:
+            for name in sorted(edit.init):
+                if edit.init_fn is not None:
+                    with torch.no_grad():
+                        edit.init_fn(name, self.state[name].data)
+            for name, want in edit.requires_grad.items():
+                t = self.state[name]
+                param = torch.nn.Parameter(t.detach(), requires_grad=want)
+                self.container[name] = param  # type: ignore[index]
+        with locked(self.path), atomic_write(target, mode_from=self.path) as fh:
+            torch.save(self.root, fh)
+        return target
+
+
+def open_pt(path: str, options: OpenOptions) -> PtSource | UnsafePtSource:
+    """The torch-free reader, or with ``--unsafe-load`` the real unpickler as a fallback."""
+    try:
+        return PtSource(path, options)
+    except UnsafeFileError:
+        if not options.unsafe_load:
+            raise
+        return UnsafePtSource(path, options)
+
+
 def _detect(spec: str) -> bool:
     return spec.lower().endswith(EXTENSIONS) and not os.path.isdir(spec) and (
         os.path.exists(spec) or ":" not in spec
     )
 
 
-register("pt", _detect, PtSource)
+register("pt", _detect, open_pt)
