@@ -216,6 +216,12 @@ class Run:
     problem: str  # empty when the run is good
 
 
+# Children run as a user's shell would: with bytecode caching on. (This workplace sets
+# PYTHONDONTWRITEBYTECODE, which would make every paramctl run recompile its modules
+# while torch, the baseline, ships precompiled in site-packages.)
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def reset_rss_high_water_mark() -> None:
     """Best effort: a spawned child's ru_maxrss starts at this process's peak RSS."""
     try:
@@ -232,7 +238,8 @@ def spawn(argv: Sequence[str], stdout: Path, stderr: Path, timeout: float) -> Ru
         t0 = time.perf_counter()
         try:
             proc = subprocess.Popen(
-                list(argv), cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err
+                list(argv), cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                env=CHILD_ENV,
             )
         except OSError as exc:
             return Run(0.0, 0, -1, f"cannot start: {exc}")
@@ -539,9 +546,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="kill any single command after this many seconds",
     )
     parser.add_argument(
-        "--sync-baseline",
-        action="store_true",
-        help="copy baselines also fsync the copy (`cp SRC OUT && sync OUT`)",
+        "--plain-cp-baseline",
+        dest="sync_baseline",
+        action="store_false",
+        help="compare writes with a bare `cp` (the copy stays in the page cache) instead "
+        "of the default `cp SRC OUT && sync OUT`, which is as durable as paramctl's "
+        "fsync'd write",
     )
     parser.add_argument("--_build", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
