@@ -8,8 +8,8 @@ from __future__ import annotations
 
 __all__ = [
     "CorruptFileError",
-    "OperationError",
     "NoMatchError",
+    "OperationError",
     "ParamctlError",
     "SourceError",
     "UnsafeFileError",

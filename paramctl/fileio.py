@@ -17,7 +17,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 from paramctl.errors import WriteError
 
@@ -109,7 +109,7 @@ def atomic_write(target: Path, *, mode_from: Path | None = None) -> Iterator[Bin
     _BEHIND.pop(fd, None)
     try:
         with os.fdopen(fd, "wb", buffering=0) as out:
-            yield out  # type: ignore[misc]
+            yield out
             os.fsync(out.fileno())
             _BEHIND.pop(fd, None)
         source_mode = mode_from if mode_from is not None else target
@@ -141,7 +141,7 @@ def atomic_write(target: Path, *, mode_from: Path | None = None) -> Iterator[Bin
 
 
 _WINDOW = 128 << 20
-_SYNC_FILE_RANGE: Callable[[int, int, int, int], int] | bool | None = None
+_SYNC_FILE_RANGE: Any = None  # the libc function, False when unavailable, None untried
 # Per output fd: how far write-back has been started, and how far waited for.
 _BEHIND: dict[int, list[int]] = {}
 
@@ -157,7 +157,7 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
             _SYNC_FILE_RANGE = fn
         except (OSError, AttributeError):
             _SYNC_FILE_RANGE = False
-    return _SYNC_FILE_RANGE or None
+    return cast("Callable[[int, int, int, int], int] | None", _SYNC_FILE_RANGE or None)
 
 
 def _write_behind(dst: int, end: int) -> None:

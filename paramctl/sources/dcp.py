@@ -297,7 +297,8 @@ class DcpSource:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                dcp.load(state, checkpoint_id=str(self.folder), no_dist=_no_dist())
+                dcp.load(state, checkpoint_id=str(self.folder),  # type: ignore[attr-defined]
+                         no_dist=_no_dist())
             except Exception as exc:  # DCP wraps reader errors in its own types
                 raise CorruptFileError(f"{self.display}: torch.distributed.checkpoint.load "
                                        f"failed: {str(exc).splitlines()[0]}") from None
@@ -366,7 +367,8 @@ class DcpSource:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist(),
+                dcp.save(state, checkpoint_id=str(tmp),  # type: ignore[attr-defined]
+                         no_dist=_no_dist(),
                          planner=_raw_bytes_planner())
             dist.barrier()
             if dist.rank == 0:
