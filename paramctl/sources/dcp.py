@@ -304,6 +304,10 @@ class DcpSource:
                                        f"failed: {str(exc).splitlines()[0]}") from None
         return state
 
+    def load_tensors(self) -> dict[str, Any]:
+        """Every tensor entry through DCP's own loader (non-tensor entries are skipped)."""
+        return self._load_tensors([e.name for e in self.meta.tensors])
+
     def _convert(self, edit: Edit, frozen: set[str], out: Path,
                  progress: Callable[[int], None] | None) -> Path:
         from paramctl.convert import TensorSpec, write_pt, write_safetensors

@@ -187,6 +187,13 @@ class ShardedSource:
             fh.write(self._index_doc(frozen))
         return out
 
+    def load_tensors(self) -> dict[str, Any]:
+        """Every tensor, shard by shard, through safetensors' own loader."""
+        out: dict[str, Any] = {}
+        for shard in dict.fromkeys(self.weight_map.values()):
+            out.update(self._shard_source(shard).load_tensors())
+        return {name: out[name] for name in self.weight_map}
+
     def _shard_source(self, shard: str) -> SafetensorsSource:
         return SafetensorsSource(str(self.folder / shard), OpenOptions())
 
