@@ -123,7 +123,7 @@ def footer_lines(params: Sequence[ParamInfo]) -> list[str]:
     tied = sum(1 for p in params if p.tied)
     lines = [
         f"[bold]{t.tensors} tensors[/], {t.numel:,} params, {human_bytes(t.nbytes)}"
-        + (f" ({tied} tied names counted once)" if tied else ""),
+        + (f" ({tied} tied names; shared tensors counted once)" if tied else ""),
         f"trainable {t.trainable:,} ({_pct(t.trainable, t.numel)}) · "
         f"frozen {t.frozen:,} ({_pct(t.frozen, t.numel)})",
     ]
