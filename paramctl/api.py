@@ -126,24 +126,40 @@ def unfreeze(model: nn.Module, patterns: Sequence[str] | str, *,
     return _set_trainable(model, pats, excludes, True, allow_empty)
 
 
+def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """name -> every name of the same Parameter object (itself included), in order."""
+    groups: dict[int, list[str]] = {}
+    named = list(model.named_parameters(remove_duplicate=False))
+    for name, p in named:
+        groups.setdefault(id(p), []).append(name)
+    return {name: groups[id(p)] for name, p in named}
+
+
 def _init_steps(model: nn.Module, steps: Sequence[Step], seed: int | None,
                 allow_empty: bool) -> list[str]:
     import torch
 
     params = dict(model.named_parameters(remove_duplicate=False))
+    tied = _tied_names(model)
     names = list(params)
     done: list[str] = []
     for step in steps:
         if step.kind == "init":
             for rule in step.rules:
                 chosen = select(names, [rule.pattern], step.excludes, allow_empty=allow_empty)
+                seen: set[int] = set()
                 for name in chosen:
                     p = params[name]
+                    if id(p) in seen:
+                        continue
+                    seen.add(id(p))
                     if not (p.is_floating_point() or p.is_complex()):
                         raise UsageError(f"cannot initialise {name} ({p.dtype}): not floating")
+                    # A tied group is one tensor, seeded by its first name in sorted order,
+                    # exactly as the file writers do, whichever name was selected.
                     with torch.no_grad():
-                        run_init(rule, name, p.data, seed)
-                    done.append(name)
+                        run_init(rule, min(tied[name]), p.data, seed)
+                    done.extend(tied[name])
         else:
             _set_trainable(model, step.patterns, step.excludes, step.kind == "unfreeze",
                            allow_empty)
@@ -182,9 +198,13 @@ def apply_edit(model: nn.Module, edit: Edit) -> None:
 
     params = dict(model.named_parameters(remove_duplicate=False))
     tensors = {**dict(model.named_buffers(remove_duplicate=False)), **params}
-    for name in sorted(edit.init):
+    done: set[int] = set()
+    for name in sorted(edit.init):  # the first name of a tied group seeds it, as in files
         if edit.init_fn is None:
             raise AssertionError("init without init_fn")
+        if id(tensors[name]) in done:
+            continue
+        done.add(id(tensors[name]))
         with torch.no_grad():
             edit.init_fn(name, tensors[name].data)
     for name, flag in edit.requires_grad.items():

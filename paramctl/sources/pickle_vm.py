@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import pickletools
+import reprlib
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -68,6 +69,7 @@ _DTYPE_ALIASES = {
     "int": "int32", "short": "int16", "cfloat": "complex64", "cdouble": "complex128",
 }
 
+_LATIN1 = ("latin1", "latin-1", "iso-8859-1")
 _REBUILD_TENSOR = ("torch._utils", "_rebuild_tensor_v2")
 _REBUILD_TENSOR_V3 = ("torch._utils", "_rebuild_tensor_v3")
 _REBUILD_PARAM = ("torch._utils", "_rebuild_parameter")
@@ -92,6 +94,24 @@ _CALLABLE_GLOBALS = {
 }
 
 Span = tuple[int, int]
+
+# torch sizes, strides and offsets are int64.
+_INT64_MAX = (1 << 63) - 1
+# Keys are hashed recursively (CPython does not guard tuple hashing against deep nesting,
+# and does not cache it), so tuples and frozensets are bounded in depth, and the elements
+# hashed or copied in total are bounded by the pickle's size plus this allowance.
+_MAX_NESTING = 100
+_WORK_ALLOWANCE = 1 << 20
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _short(value: Any) -> str:
+    """A bounded, one-line repr of a value taken from an untrusted pickle."""
+    try:
+        return _REPR.repr(value)
+    except (ValueError, RecursionError):  # e.g. an int too long to print
+        return f"<{type(value).__name__}>"
 
 
 @dataclass(frozen=True)
@@ -159,17 +179,20 @@ _MARK = _Mark()
 
 
 def _module_refusal(g: Global) -> UnsafeFileError:
+    dotted = g.dotted
+    if not dotted.isprintable() or len(dotted) > 200:
+        dotted = _short(dotted)[1:-1]
     return UnsafeFileError(
-        f"refusing to load global '{g.dotted}': the pickle would import or run code "
+        f"refusing to load global '{dotted}': the pickle would import or run code "
         "(not a plain tensor checkpoint). If you trust this file, pass --unsafe-load"
     )
 
 
 def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
+        isinstance(v, int) and not isinstance(v, bool) and abs(v) <= _INT64_MAX for v in value
     ):
-        raise CorruptFileError(f"tensor {what} is not a tuple of integers: {value!r:.80}")
+        raise CorruptFileError(f"tensor {what} is not a tuple of int64: {_short(value)}")
     return value
 
 
@@ -183,6 +206,8 @@ class _Machine:
         self.tensors: list[TensorRef] = []
         self.frames: list[Span] = []
         self.tuple_spans: dict[int, list[Span]] = {}
+        self.nesting: dict[int, tuple[int, int]] = {}  # id -> (depth, elements in all)
+        self.work = len(data) + _WORK_ALLOWANCE
         self.keep: list[Any] = []
         self.protocol = 0
 
@@ -269,11 +294,10 @@ class _Machine:
     def op_POP(self, arg: Any, pos: int, end: int) -> None:
         if self.stack and self.stack[-1] is _MARK:
             raise CorruptFileError("pickle pops a MARK")
-        if not self.stack:
-            # POP with an open mark and nothing pushed drops the mark (pickle.py semantics).
-            if self.marks and self.marks[-1][0] == 0:
-                self.marks.pop()
-                return
+        # POP with an open mark and nothing pushed drops the mark (pickle.py semantics).
+        if not self.stack and self.marks and self.marks[-1][0] == 0:
+            self.marks.pop()
+            return
         self.pop()
 
     def op_POP_MARK(self, arg: Any, pos: int, end: int) -> None:
@@ -295,10 +319,28 @@ class _Machine:
     def op_EMPTY_TUPLE(self, arg: Any, pos: int, end: int) -> None:
         self.push((), pos)
 
+    def _charge(self, n: int) -> None:
+        self.work -= n
+        if self.work < 0:
+            raise CorruptFileError("pickle expands to far more data than it holds "
+                                   "(a pickle bomb?)")
+
+    def _nested(self, value: Any) -> Any:
+        """Record the depth and total size of a new tuple or frozenset; keep it alive."""
+        depth, size = 1, len(value)
+        for item in value:
+            if isinstance(item, tuple | frozenset):
+                d, n = self.nesting.get(id(item), (1, len(item)))
+                depth, size = max(depth, d + 1), size + n
+        if depth > _MAX_NESTING:
+            raise CorruptFileError(f"pickle nests tuples over {_MAX_NESTING} deep")
+        self.nesting[id(value)] = (depth, size)
+        self.keep.append(value)
+        return value
+
     def _tuple(self, items: list[Any], spans: list[Span], start: int) -> None:
-        t = tuple(items)
+        t = self._nested(tuple(items))
         self.tuple_spans[id(t)] = spans
-        self.keep.append(t)
         self.push(t, start)
 
     def _spans(self, starts: list[int], end: int) -> list[Span]:
@@ -340,14 +382,16 @@ class _Machine:
 
     def op_FROZENSET(self, arg: Any, pos: int, end: int) -> None:
         items, _, mark_pos = self.pop_mark()
-        self.push(frozenset(self._key(i) for i in items), mark_pos)
+        self.push(self._nested(frozenset(self._key(i) for i in items)), mark_pos)
 
-    @staticmethod
-    def _key(k: Any) -> Any:
+    def _key(self, k: Any) -> Any:
+        if isinstance(k, tuple | frozenset):
+            self._charge(self.nesting.get(id(k), (1, len(k)))[1])
         try:
             hash(k)
         except TypeError:
-            raise CorruptFileError(f"unhashable dictionary key in pickle: {type(k).__name__}")
+            raise CorruptFileError(
+                f"unhashable dictionary key in pickle: {type(k).__name__}") from None
         return k
 
     def op_APPEND(self, arg: Any, pos: int, end: int) -> None:
@@ -435,7 +479,7 @@ class _Machine:
         self._global(module, name, start)
 
     def op_REDUCE(self, arg: Any, pos: int, end: int) -> None:
-        args, args_start = self.pop()
+        args, _ = self.pop()
         func, start = self.pop()
         if not isinstance(func, Global):
             raise CorruptFileError(f"pickle calls a non-callable {type(func).__name__}")
@@ -452,6 +496,25 @@ class _Machine:
         if (cls.module, cls.name) not in {("collections", "OrderedDict"), ("builtins", "set")}:
             raise _module_refusal(cls)
         self.push(self._call(cls, args, None, (start, end)), start)
+
+    # Opcodes torch never writes that create objects: refuse them naming the class.
+    def op_NEWOBJ_EX(self, arg: Any, pos: int, end: int) -> None:
+        self.pop()
+        self.pop()
+        cls, _ = self.pop()
+        if isinstance(cls, Global):
+            raise _module_refusal(cls)
+        raise CorruptFileError("pickle NEWOBJ_EX is malformed")
+
+    def op_INST(self, arg: Any, pos: int, end: int) -> None:
+        module, _, name = str(arg).partition(" ")
+        raise _module_refusal(Global(module, name))
+
+    def op_OBJ(self, arg: Any, pos: int, end: int) -> None:
+        items, _, _ = self.pop_mark()
+        if items and isinstance(items[0], Global):
+            raise _module_refusal(items[0])
+        raise CorruptFileError("pickle OBJ is malformed")
 
     def op_BUILD(self, arg: Any, pos: int, end: int) -> None:
         state, _ = self.pop()
@@ -471,17 +534,19 @@ class _Machine:
 
     def _storage(self, pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise CorruptFileError(f"unknown persistent id in pickle: {pid!r:.80}")
+            raise CorruptFileError(f"unknown persistent id in pickle: {_short(pid)}")
         _, kind, key, location, numel = pid
         if not isinstance(kind, Global) or not isinstance(key, str):
             raise CorruptFileError("malformed storage reference in pickle")
-        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+        if not isinstance(location, str):
+            raise CorruptFileError("malformed storage location in pickle")
+        if not isinstance(numel, int) or isinstance(numel, bool) or not 0 <= numel <= _INT64_MAX:
             raise CorruptFileError("malformed storage size in pickle")
         if kind.name in STORAGE_DTYPES:
-            return StorageRef(key, STORAGE_DTYPES[kind.name], str(location), numel)
+            return StorageRef(key, STORAGE_DTYPES[kind.name], location, numel)
         if kind.name == "UntypedStorage":
-            return StorageRef(key, "uint8", str(location), numel, untyped=True)
-        raise CorruptFileError(f"unknown storage type {kind.dotted}")
+            return StorageRef(key, "uint8", location, numel, untyped=True)
+        raise CorruptFileError(f"unknown storage type {_short(kind.dotted)}")
 
     def _call(self, func: Global, args: tuple[Any, ...], spans: list[Span] | None,
               span: Span) -> Any:
@@ -503,32 +568,47 @@ class _Machine:
             else:
                 self.tensors.append(ref)
             return ref
+        # Every call below copies at most its argument: charge that against the budget,
+        # and hash keys and set members through _key.
+        source = args[0] if args else ()
+        if func.name != "complex" and hasattr(source, "__len__"):
+            self._charge(len(source))
         if key in {("collections", "OrderedDict"), ("collections", "Counter")}:
-            if not args:
-                return OrderedDict()
-            try:
-                return OrderedDict(args[0])
-            except (TypeError, ValueError) as exc:
-                raise CorruptFileError(f"malformed OrderedDict in pickle: {exc}") from None
+            if not isinstance(source, dict | list | tuple):
+                raise CorruptFileError("malformed OrderedDict in pickle")
+            out: OrderedDict[Any, Any] = OrderedDict()
+            for pair in source.items() if isinstance(source, dict) else source:
+                if not isinstance(pair, tuple | list) or len(pair) != 2:
+                    raise CorruptFileError("malformed OrderedDict in pickle")
+                out[self._key(pair[0])] = pair[1]
+            return out
         if key == ("_codecs", "encode"):
             if len(args) == 2 and isinstance(args[0], str) and args[1] == "latin1":
                 return args[0].encode("latin1")
             raise CorruptFileError("unsupported _codecs.encode call in pickle")
         if key == ("torch", "Size"):
-            return tuple(args[0]) if args and isinstance(args[0], tuple | list) else ()
+            dims = tuple(source) if isinstance(source, tuple | list) else ()
+            return self._nested(_as_int_tuple(dims, "size"))
         if key == ("torch", "device"):
+            if not all(isinstance(a, str | int) for a in args):
+                raise CorruptFileError("malformed torch.device in pickle")
             return ":".join(str(a) for a in args)
+        if func.name in ("set", "frozenset"):
+            if len(args) > 1 or not isinstance(source, list | tuple | set | frozenset):
+                raise CorruptFileError(f"malformed {func.dotted} call in pickle")
+            items = [self._key(i) for i in source]
+            return set(items) if func.name == "set" else self._nested(frozenset(items))
+        if func.name == "bytearray":
+            # bytearray(n) would allocate n bytes: only the forms pickle itself writes.
+            if args == () or (len(args) == 1 and isinstance(source, bytes)) or (
+                    len(args) == 2 and isinstance(source, str) and args[1] in _LATIN1):
+                return bytearray(*args)
+            raise CorruptFileError("unsupported bytearray call in pickle")
         try:
-            if func.name == "set":
-                return set(*args)
-            if func.name == "frozenset":
-                return frozenset(*args)
             if func.name == "complex":
                 return complex(*args)
             if func.name == "slice":
                 return slice(*args)
-            if func.name == "bytearray":
-                return bytearray(*args)
         except (TypeError, ValueError) as exc:
             raise CorruptFileError(f"malformed {func.dotted} call in pickle: {exc}") from None
         raise _module_refusal(func)
@@ -543,7 +623,10 @@ class _Machine:
         if not isinstance(offset, int) or offset < 0 or not isinstance(grad, bool):
             raise CorruptFileError("malformed tensor in pickle")
         if len(shape) != len(stride) or any(d < 0 for d in shape) or any(s < 0 for s in stride):
-            raise CorruptFileError(f"malformed tensor shape {shape} / stride {stride}")
+            raise CorruptFileError(f"malformed tensor shape {_short(shape)} / stride "
+                                   f"{_short(stride)}")
+        if offset > _INT64_MAX or len(shape) > 1024 or _numel_over(shape, _INT64_MAX):
+            raise CorruptFileError(f"tensor shape {_short(shape)} is too large")
         dtype = storage.dtype
         if v3:
             g = args[6]
@@ -553,6 +636,18 @@ class _Machine:
         ref = TensorRef(storage, offset, shape, stride, dtype, grad, False, span)
         self.tensors.append(ref)
         return ref
+
+
+def _numel_over(shape: tuple[int, ...], limit: int) -> bool:
+    """Whether the product of ``shape`` exceeds ``limit`` (without building a huge int)."""
+    if 0 in shape:
+        return False
+    n = 1
+    for d in shape:
+        n *= d
+        if n > limit:
+            return True
+    return False
 
 
 def parse_pickle(data: bytes) -> ParsedPickle:
@@ -568,7 +663,8 @@ def parse_pickle(data: bytes) -> ParsedPickle:
         raise
     except RecursionError:
         raise CorruptFileError("pickle is nested too deeply") from None
-    except (ValueError, KeyError, IndexError, TypeError, struct.error, UnicodeError,
+    except (ValueError, LookupError, TypeError, struct.error, UnicodeError,
             OverflowError, MemoryError) as exc:
-        raise CorruptFileError(f"malformed pickle: {exc}") from None
+        detail = " ".join(str(exc).split())[:200]
+        raise CorruptFileError(f"malformed pickle: {detail}") from None
     return ParsedPickle(root, machine.tensors, machine.frames, machine.protocol, machine.keep)

@@ -6,13 +6,14 @@ Every other metadata entry and every tensor byte is carried through unchanged.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from paramctl.errors import CorruptFileError, OperationError, SourceError
 from paramctl.fileio import atomic_write, copy_range, locked
@@ -104,10 +105,23 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _int_list(value: Any) -> bool:
+_INT64_MAX = (1 << 63) - 1
+_MAX_DIMS = 1024
+
+
+def _int_list(value: Any) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _INT64_MAX for v in value
     )
+
+
+def _too_many_elements(shape: list[int]) -> bool:
+    n = 1
+    for d in shape:
+        n *= d
+        if n > _INT64_MAX:
+            return True
+    return False
 
 
 def read_header(fd: int, path: str, file_size: int) -> Header:
@@ -128,12 +142,14 @@ def read_header(fd: int, path: str, file_size: int) -> Header:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except CorruptFileError as exc:
         raise CorruptFileError(f"{path}: {exc}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    except (UnicodeDecodeError, ValueError, RecursionError, MemoryError):
         raise CorruptFileError(f"{path}: header is not valid JSON "
                                "(not a safetensors file?)") from None
     if not isinstance(doc, dict):
         raise CorruptFileError(f"{path}: header is not a JSON object")
-    meta = doc.pop("__metadata__", None) or {}
+    meta = doc.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CorruptFileError(f"{path}: __metadata__ must map strings to strings")
     data_start = 8 + n
@@ -143,11 +159,13 @@ def read_header(fd: int, path: str, file_size: int) -> Header:
         if not isinstance(info, dict):
             raise CorruptFileError(f"{path}: entry {name!r} is not an object")
         code = info.get("dtype")
-        if code not in DTYPES:
-            raise CorruptFileError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
+        if not isinstance(code, str) or code not in DTYPES:
+            raise CorruptFileError(f"{path}: tensor {name!r} has unknown dtype {code!r:.40}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2:
             raise CorruptFileError(f"{path}: tensor {name!r} has a malformed shape or offsets")
+        if len(shape) > _MAX_DIMS or _too_many_elements(shape):
+            raise CorruptFileError(f"{path}: tensor {name!r} has an impossible shape")
         entry = TensorEntry(name, DTYPES[code], tuple(shape), offsets[0], offsets[1])
         if entry.begin > entry.end or entry.end > data_size:
             raise CorruptFileError(f"{path}: tensor {name!r} lies outside the data section")
@@ -157,7 +175,7 @@ def read_header(fd: int, path: str, file_size: int) -> Header:
                                    f"{entry.numel * DTYPE_SIZES[entry.dtype]}")
         entries.append(entry)
     by_offset = sorted(entries, key=lambda e: (e.begin, e.end))
-    for prev, cur in zip(by_offset, by_offset[1:], strict=False):
+    for prev, cur in itertools.pairwise(by_offset):
         if cur.begin < prev.end:
             raise CorruptFileError(f"{path}: tensors {prev.name!r} and {cur.name!r} overlap")
     return Header(entries, meta, data_start, data_size, raw)

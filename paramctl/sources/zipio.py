@@ -8,6 +8,7 @@ it). :func:`write_zip` keeps that layout, copies unchanged records with
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import zipfile
@@ -60,30 +61,34 @@ def read_records(fd: int, path: str, file_size: int) -> list[Record]:
     records: list[Record] = []
     seen: set[str] = set()
     for info in infos:
+        # Names come from the file: quote them so a message stays on one line.
+        name = repr(info.filename)
         if info.compress_type != zipfile.ZIP_STORED:
-            raise CorruptFileError(f"{path}: record {info.filename} is compressed; torch "
+            raise CorruptFileError(f"{path}: record {name} is compressed; torch "
                                    "checkpoints store records uncompressed")
         if info.flag_bits & 0x1:
-            raise CorruptFileError(f"{path}: record {info.filename} is encrypted")
+            raise CorruptFileError(f"{path}: record {name} is encrypted")
         if info.filename in seen:
-            raise CorruptFileError(f"{path}: duplicate record {info.filename}")
+            raise CorruptFileError(f"{path}: duplicate record {name}")
         seen.add(info.filename)
+        if not 0 <= info.header_offset <= file_size - _LOCAL.size:
+            raise CorruptFileError(f"{path}: truncated (record {name} is cut off)")
         header = os.pread(fd, _LOCAL.size, info.header_offset)
         if len(header) < _LOCAL.size:
-            raise CorruptFileError(f"{path}: truncated (record {info.filename} is cut off)")
+            raise CorruptFileError(f"{path}: truncated (record {name} is cut off)")
         fields = _LOCAL.unpack(header)
         if fields[0] != _LOCAL_SIG:
-            raise CorruptFileError(f"{path}: bad local header for record {info.filename}")
+            raise CorruptFileError(f"{path}: bad local header for record {name}")
         data_offset = info.header_offset + _LOCAL.size + fields[9] + fields[10]
         if data_offset + info.file_size > file_size or info.compress_size != info.file_size:
-            raise CorruptFileError(f"{path}: truncated (record {info.filename} extends past "
+            raise CorruptFileError(f"{path}: truncated (record {name} extends past "
                                    "the end of the file)")
         records.append(Record(info.filename, data_offset, info.file_size, info.CRC,
                               info.date_time))
     records.sort(key=lambda r: r.offset)
-    for prev, cur in zip(records, records[1:], strict=False):
+    for prev, cur in itertools.pairwise(records):
         if prev.offset + prev.size > cur.offset:
-            raise CorruptFileError(f"{path}: records {prev.name} and {cur.name} overlap")
+            raise CorruptFileError(f"{path}: records {prev.name!r} and {cur.name!r} overlap")
     return records
 
 
