@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from paramctl.errors import OperationError
 from paramctl.fileio import Progress, atomic_write, copy_range
-from paramctl.model import DTYPE_SIZES
+from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES
 from paramctl.sources.pickle_vm import STORAGE_DTYPES
 from paramctl.sources.zipio import NewRecord, Record, write_zip
 
@@ -231,12 +231,15 @@ def output_kind(out: Path) -> str:
 
 
 def _pt_specs(source: Any, edit: Edit, fd: int) -> list[TensorSpec]:
-    frozen_now = {p.name for p in source.params() if not p.requires_grad}
+    # Only floating-point tensors can be frozen; integer ones are never trainable.
+    frozen_now = {p.name for p in source.params()
+                  if not p.requires_grad and p.dtype in FLOAT_DTYPES}
     specs = []
     for p in source.params():
         ref = source.tensors[p.name]
         rec = source._storage_record(ref)
-        frozen = not edit.requires_grad.get(p.name, p.name not in frozen_now)
+        frozen = p.dtype in FLOAT_DTYPES and \
+            not edit.requires_grad.get(p.name, p.name not in frozen_now)
         contiguous = ref.stride == _contiguous_stride(ref.shape) and ref.offset == 0 \
             and p.nbytes == rec.size
         if contiguous and p.name not in edit.init:

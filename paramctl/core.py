@@ -66,8 +66,11 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
     """
     view = open_view(spec, options, prefix=prefix)
     chosen = set(select(view.names, patterns, excludes, allow_empty=allow_empty))
+    # --frozen lists what is recorded frozen: floating-point tensors that do not train.
+    # Integer tensors (num_batches_tracked) are never trainable and never "frozen".
     params = [p for p in view.params if p.name in chosen
-              and (trainable is None or (p.requires_grad == trainable and not p.buffer))]
+              and (trainable is None or (p.requires_grad == trainable and not p.buffer
+                                         and p.dtype in FLOAT_DTYPES))]
     return Inventory(view.source.display, view.source.format, params)
 
 
@@ -92,6 +95,7 @@ class ChangeResult:
     unchanged: list[str] = field(default_factory=list)  # selected, already in that state
     skipped: list[str] = field(default_factory=list)  # selected, never trainable
     written: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. what a conversion drops
 
 
 def _expand_tied(names: list[str], view: View) -> list[tuple[str, str | None]]:
@@ -193,6 +197,9 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
         init_fn=make_init_fn(stored_rules, seed) if stored_rules else None,
         max_shard_size=max_shard_size,
     )
+    notes = getattr(view.source, "conversion_warnings", None)
+    if out is not None and notes is not None:
+        result.warnings.extend(notes(out))
     total = view.source.total_bytes()
     step = (lambda n: progress(n, total)) if progress is not None else None
     result.written = view.source.write(edit, out, step)

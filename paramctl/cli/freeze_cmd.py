@@ -28,6 +28,7 @@ from paramctl.cli.common import (
     parse_size,
     progress_for,
     read_names,
+    warn,
 )
 from paramctl.errors import UsageError
 
@@ -87,6 +88,8 @@ def _run(kind: str, source: str, patterns: list[str] | None, exclude: list[str] 
                             max_shard_size=parse_size(max_shard_size))
         finally:
             bar.close()
+        for message in result.warnings:
+            warn(message)
         if not quiet:
             render_changes(result, shown, sys.stdout, dry_run=dry_run,
                            headers=headers if headers is not None else shown != "tsv")

@@ -29,6 +29,7 @@ from paramctl.cli.common import (
     output_format,
     parse_size,
     progress_for,
+    warn,
 )
 from paramctl.errors import UsageError
 
@@ -94,6 +95,8 @@ def _run(source: str, steps_from: StepsFactory, seed: int | None, out: Path | No
                             max_shard_size=parse_size(max_shard_size))
         finally:
             bar.close()
+        for message in result.warnings:
+            warn(message)
         if not quiet:
             render_changes(result, shown, sys.stdout, dry_run=dry_run,
                            headers=headers if headers is not None else shown != "tsv")

@@ -127,8 +127,45 @@ def _dtype(value: Any, where: str) -> str:
     raise CorruptFileError(f"{where}: unknown dtype in DCP metadata")
 
 
-def read_metadata(folder: Path) -> DcpMetadata:
+def _read_metadata_unsafe(folder: Path) -> DcpMetadata:
+    """``--unsafe-load``: let DCP's own reader unpickle ``.metadata`` (runs its code)."""
+    import warnings
+
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from paramctl.tensors import dtype_name
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            meta = FileSystemReader(str(folder)).read_metadata()
+        except Exception as exc:  # arbitrary code ran; anything can come out
+            raise CorruptFileError(f"{folder}: cannot read DCP metadata: {exc}") from None
+    tensors, byte_entries = [], []
+    for name, item in meta.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            tensors.append(DcpEntry(name, dtype_name(item.properties.dtype), tuple(item.size)))
+        else:
+            byte_entries.append(name)
+    storage = {}
+    for index, info in (meta.storage_data or {}).items():
+        storage[(index.fqn, tuple(index.offset or ()))] = (
+            info.relative_path, info.offset, info.length, bool(info.transform_descriptors))
+    return DcpMetadata(tensors, byte_entries, storage)
+
+
+def read_metadata(folder: Path, *, unsafe_load: bool = False) -> DcpMetadata:
     """Parse ``folder/.metadata`` without torch; validate what the commands rely on."""
+    try:
+        return _read_metadata_safe(folder)
+    except UnsafeFileError:
+        if not unsafe_load:
+            raise
+        return _read_metadata_unsafe(folder)
+
+
+def _read_metadata_safe(folder: Path) -> DcpMetadata:
     path = folder / METADATA
     try:
         size = path.stat().st_size
@@ -231,7 +268,7 @@ class DcpSource:
         self.options = options
         if options.key:
             raise SourceError("--key applies to torch checkpoints")
-        self.meta = read_metadata(self.folder)
+        self.meta = read_metadata(self.folder, unsafe_load=options.unsafe_load)
         self.frozen = read_frozen(self.folder)
 
     def params(self) -> list[ParamInfo]:
@@ -304,6 +341,14 @@ class DcpSource:
                                        f"failed: {str(exc).splitlines()[0]}") from None
         return state
 
+    def conversion_warnings(self, out: Path) -> list[str]:
+        if out.suffix and self.meta.byte_entries:
+            names = ", ".join(self.meta.byte_entries[:5])
+            more = ", ..." if len(self.meta.byte_entries) > 5 else ""
+            return [f"{out} holds tensors only; the non-tensor entries of {self.display} "
+                    f"({names}{more}) are not carried over"]
+        return []
+
     def load_tensors(self) -> dict[str, Any]:
         """Every tensor entry through DCP's own loader (non-tensor entries are skipped)."""
         return self._load_tensors([e.name for e in self.meta.tensors])
@@ -347,6 +392,19 @@ class DcpSource:
             raise CorruptFileError(f"{self.display}: {rel} is truncated")
         return _RawBytes(data)
 
+    def _carry_other_files(self, tmp: Path) -> None:
+        """Copy what DCP does not own (a config, notes, subfolders) into the new folder."""
+        import shutil
+
+        owned = {METADATA, FROZEN_FILE} | {rel for rel, _, _, _ in self.meta.storage.values()}
+        for entry in self.folder.iterdir():
+            if entry.name in owned or TEMP_MARK in entry.name or (tmp / entry.name).exists():
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, tmp / entry.name, symlinks=True)
+            else:
+                shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+
     def _reinit(self, edit: Edit, frozen: set[str], out: Path | None) -> Path:
         import shutil
         import tempfile
@@ -377,6 +435,13 @@ class DcpSource:
             dist.barrier()
             if dist.rank == 0:
                 (tmp / FROZEN_FILE).write_bytes(_frozen_doc(frozen))
+                if out is None:
+                    self._carry_other_files(tmp)
+                    os.chmod(tmp, self.folder.stat().st_mode & 0o7777)
+                else:
+                    umask = os.umask(0)
+                    os.umask(umask)
+                    os.chmod(tmp, 0o777 & ~umask)
                 _fsync_tree(tmp)
                 if out is not None:
                     if target.exists():

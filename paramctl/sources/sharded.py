@@ -170,9 +170,9 @@ class ShardedSource:
                 with atomic_write(self.index_path) as fh:
                     fh.write(self._index_doc(frozen))
             return self.index_path
-        out.mkdir(parents=True, exist_ok=True)
         if out.resolve() == self.folder.resolve():
             raise UsageError(f"-o {out} is the source folder; omit -o to rewrite in place")
+        _new_folder(out)
         for shard in dict.fromkeys(self.weight_map.values()):
             if shard in touched:
                 self._shard_source(shard).write(self._shard_edit(edit, shard), out / shard,
@@ -186,6 +186,16 @@ class ShardedSource:
         with atomic_write(index_out, mode_from=self.index_path) as fh:
             fh.write(self._index_doc(frozen))
         return out
+
+    def conversion_warnings(self, out: Path) -> list[str]:
+        extra = sorted(p.name for p in self.folder.iterdir()
+                       if p.is_file() and p.name not in self.headers
+                       and p != self.index_path and not p.name.startswith("."))
+        if extra and out.suffix == "":
+            return [f"only the shards and the index are written to {out}; other files in "
+                    f"{self.folder} ({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''})"
+                    " are not copied"]
+        return []
 
     def load_tensors(self) -> dict[str, Any]:
         """Every tensor, shard by shard, through safetensors' own loader."""
@@ -233,6 +243,13 @@ class ShardedSource:
                 os.close(fd)
 
 
+def _new_folder(out: Path) -> None:
+    """``-o FOLDER`` must be new or empty: never mix shards of two checkpoints."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"-o {out} exists and is not an empty folder; name a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def _initialise(source: SafetensorsSource, fd: int, entry: TensorEntry, edit: Edit
                 ) -> Callable[[], bytearray]:
     return lambda: source._initialised(fd, entry, edit)
@@ -253,7 +270,7 @@ def write_sharded(out_dir: Path, specs: Sequence[Any], max_shard_size: int,
             size = 0
         groups[-1].append(s)
         size += s.nbytes
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _new_folder(out_dir)
     n = len(groups)
     weight_map: dict[str, str] = {}
     for i, group in enumerate(groups, start=1):
