@@ -52,7 +52,9 @@ def _explain(exc: OSError) -> str:
         return "no space left on device"
     if exc.errno == errno.EFBIG:
         return "file too large for this filesystem or process limit"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     return exc.strerror or str(exc)
 

@@ -91,7 +91,9 @@ class ParamInfo:
 
 @dataclass(frozen=True)
 class Totals:
-    """Counts over a listing; tied tensors are counted once."""
+    """Counts over a listing; tied tensors are counted once. ``trainable`` and ``frozen``
+    count floating-point parameters only, so with buffers or integer tensors they add up to
+    less than ``numel``."""
 
     numel: int
     trainable: int
@@ -114,6 +116,9 @@ def totals(params: Sequence[ParamInfo]) -> Totals:
         numel += p.numel
         nbytes += p.nbytes
         by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.nbytes
+        # Buffers and integer tensors are neither: they never train, nor are they frozen.
+        if p.buffer or p.dtype not in FLOAT_DTYPES:
+            continue
         if p.requires_grad:
             trainable += p.numel
         else:

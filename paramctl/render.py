@@ -144,22 +144,30 @@ class TreeRow:
 
 
 def tree_rows(params: Sequence[ParamInfo], depth: int | None = None) -> list[TreeRow]:
-    """Roll parameters up by module (dotted prefixes), tied tensors counted once per row."""
-    order: list[str] = [""]
-    members: dict[str, list[ParamInfo]] = {"": []}
+    """Roll parameters up by module (dotted prefixes), tied tensors counted once per row.
+
+    Rows come parent first, then its children in the order they first appear, whatever
+    order the source lists tensors in (safetensors headers sort by dtype and name).
+    """
+    members: dict[str, list[ParamInfo]] = {"": list(params)}
+    children: dict[str, list[str]] = {"": []}
     for p in params:
         parts = p.name.split(".")[:-1]
-        members[""].append(p)
+        parent = ""
         for i in range(1, len(parts) + 1):
             if depth is not None and i > depth:
                 break
             key = ".".join(parts[:i])
             if key not in members:
                 members[key] = []
-                order.append(key)
+                children[key] = []
+                children[parent].append(key)
             members[key].append(p)
-    rows = []
-    for key in sorted(order, key=lambda k: order.index(k)):
+            parent = key
+    rows: list[TreeRow] = []
+    stack = [""]
+    while stack:
+        key = stack.pop()
         group = members[key]
         t = totals(group)
         flags = {p.requires_grad for p in group if p.dtype in FLOAT_DTYPES and not p.buffer}
@@ -167,6 +175,7 @@ def tree_rows(params: Sequence[ParamInfo], depth: int | None = None) -> list[Tre
             "yes" if flags.pop() else "no")
         rows.append(TreeRow(key or "(all)", 0 if not key else key.count(".") + 1, t.numel,
                             t.nbytes, state))
+        stack.extend(reversed(children[key]))
     return rows
 
 

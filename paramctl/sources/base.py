@@ -99,7 +99,8 @@ def detect_format(spec: str) -> str:
         )
     if not os.path.exists(spec):
         if ":" in spec:
-            raise SourceError(f"cannot find module path {spec!r}")
+            raise SourceError(f"bad module path {spec!r}: expected pkg.module:attr or "
+                              "path/to/file.py:attr (attr a class, factory or instance)")
         raise SourceError(f"no such file: {spec}")
     raise SourceError(
         f"{spec}: unknown checkpoint type; expected .pt .pth .bin .ckpt .safetensors, a "

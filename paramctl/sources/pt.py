@@ -104,7 +104,10 @@ class PtSource:
             self.pickle_bytes = fh.read(pkl.size)
         if len(self.pickle_bytes) != pkl.size:
             raise CorruptFileError(f"{path}: truncated data.pkl")
-        self.parsed: ParsedPickle = parse_pickle(self.pickle_bytes)
+        try:
+            self.parsed: ParsedPickle = parse_pickle(self.pickle_bytes)
+        except (UnsafeFileError, CorruptFileError) as exc:
+            raise type(exc)(f"{path}: {exc}") from None
         self.key_path, state = find_state_dict(
             self.parsed.root, lambda v: isinstance(v, TensorRef), options.key, path=path
         )

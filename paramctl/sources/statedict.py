@@ -62,8 +62,14 @@ def find_state_dict(
     """
     if key is not None:
         keys, found = _by_key(root, key)
+        if is_tensor(found):
+            raise SourceError(f"{path}: --key {key!r} is a single tensor, not a state dict")
         if not isinstance(found, Mapping):
-            raise SourceError(f"--key {key!r} holds a {type(found).__name__}, not a state dict")
+            raise SourceError(f"{path}: --key {key!r} holds a {type(found).__name__}, not a "
+                              "state dict")
+        if not _has_tensors(found, is_tensor):
+            raise SourceError(f"{path}: --key {key!r} holds no tensors "
+                              f"({_describe_keys(root)})")
         return keys, found
     node = root
     keys_path: tuple[str, ...] = ()
