@@ -85,7 +85,8 @@ def load_state_dict(model: nn.Module, path: str | os.PathLike[str], *, strict: b
             parts.append(f"missing from the file: {', '.join(missing[:5])}")
         if unexpected:
             parts.append(f"not in the model: {', '.join(unexpected[:5])}")
-        raise SourceError(f"{path} does not match the model ({'; '.join(parts)})")
+        raise SourceError(f"{path} does not match the model ({'; '.join(parts)}); "
+                          "pass strict=False to load what matches")
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.is_floating_point() or p.is_complex():
             if name in frozen:

@@ -180,7 +180,7 @@ def test_weights_that_do_not_fit_the_model(samples_dir: Path,
                                            module_runs: dict[str, Run]) -> None:
     ckpt = samples_dir / "cnn.pt"
     line = error_line(module_runs["weights"], 1)
-    assert line.startswith(f"error: {ckpt} does not match the model")
+    assert line.startswith(f"error: --weights {ckpt} does not fit sample_models")
     assert "layers.0.weight" in line and "features.0.weight" in line
     # the advice must be something a CLI user can do: there is no strict=False option
     assert "strict=False" not in line

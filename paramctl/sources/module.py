@@ -177,8 +177,18 @@ class ModuleSource:
             if self.options.weights is not None:
                 from paramctl.api import load_state_dict
 
-                load_state_dict(built, self.options.weights, strict=True,
-                                key=self.options.key, assign=meta)
+                result = load_state_dict(built, self.options.weights, strict=False,
+                                         key=self.options.key, assign=meta)
+                if result.missing_keys or result.unexpected_keys:
+                    parts = []
+                    if result.missing_keys:
+                        parts.append("missing from the file: "
+                                     + ", ".join(result.missing_keys[:5]))
+                    if result.unexpected_keys:
+                        parts.append("not in the model: "
+                                     + ", ".join(result.unexpected_keys[:5]))
+                    raise SourceError(f"--weights {self.options.weights} does not fit "
+                                      f"{self.spec} ({'; '.join(parts)})")
             self._module, self._meta = built, meta
         return self._module
 

@@ -56,7 +56,7 @@ def read_records(fd: int, path: str, file_size: int) -> list[Record]:
         with open(fd, "rb", closefd=False) as fh, zipfile.ZipFile(fh) as zf:
             infos = zf.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError,
-            struct.error) as exc:
+            struct.error, NotImplementedError) as exc:  # e.g. "zip file version 7.5"
         raise CorruptFileError(f"{path}: not a valid torch zip checkpoint ({exc})") from None
     records: list[Record] = []
     seen: set[str] = set()
