@@ -138,11 +138,12 @@ def build_main(directory: Path, quick: bool) -> int:
 
 
 def manifest_for(big: Spec) -> dict[str, object]:
+    small = TINY if big == TINY else SMALL  # --quick builds both at the tiny size
     return {
         "version": CACHE_VERSION,
         "seed": SEED,
-        "specs": {"big": asdict(big), "small": asdict(SMALL)},
-        "tensors": {"big": len(tensor_shapes(big)), "small": len(tensor_shapes(SMALL))},
+        "specs": {"big": asdict(big), "small": asdict(small)},
+        "tensors": {"big": len(tensor_shapes(big)), "small": len(tensor_shapes(small))},
     }
 
 
