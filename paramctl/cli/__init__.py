@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from paramctl import __version__
+from paramctl.cli.common import one_line
 from paramctl.cli.freeze_cmd import (
     FREEZE_EXAMPLES,
     UNFREEZE_EXAMPLES,
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args, prog_name="paramctl", standalone_mode=False)
+        if code == 130:  # Typer turns Ctrl-C into a bare exit code
+            sys.stderr.write("error: interrupted\n")
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         code = 130
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(exc, "exit_code", None) == 2 and hasattr(exc, "format_message"):
             ctx = getattr(exc, "ctx", None)
             where = f"paramctl {ctx.info_name}" if ctx is not None and ctx.parent else "paramctl"
-            sys.stderr.write(f"error: {exc.format_message()} (see '{where} --help')\n")
+            sys.stderr.write(f"error: {one_line(exc.format_message())} "
+                             f"(see '{where} --help')\n")
             code = 2
         elif type(exc).__name__ == "Abort":
             sys.stderr.write("error: interrupted\n")
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         elif debug:
             raise
         else:
-            sys.stderr.write(f"error: internal error: {type(exc).__name__}: {exc} (run again "
-                             "with --debug for the traceback, and please report it)\n")
+            sys.stderr.write(f"error: internal error: {type(exc).__name__}: "
+                             f"{one_line(str(exc))} (run again with --debug for the "
+                             "traceback, and please report it)\n")
             code = 1
     sys.exit(code if isinstance(code, int) else 0)

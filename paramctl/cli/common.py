@@ -103,6 +103,14 @@ def read_names(source: str | None) -> list[str]:
     return names
 
 
+def one_line(text: str) -> str:
+    """Escape newlines and other control characters (names come from untrusted files)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 @contextlib.contextmanager
 def handle_errors(debug: bool) -> Iterator[None]:
     """Turn :class:`ParamctlError` into ``error: ...`` and its exit code."""
@@ -111,7 +119,7 @@ def handle_errors(debug: bool) -> Iterator[None]:
     except ParamctlError as exc:
         if debug:
             raise
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {one_line(str(exc))}\n")
         raise typer.Exit(exc.exit_code) from None
 
 

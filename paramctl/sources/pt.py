@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,7 +40,8 @@ _PARAM_SUFFIX_FROZEN = b"\x89ccollections\nOrderedDict\n)R\x87R"
 def open_file(path: str) -> tuple[int, int]:
     """Open a regular file for reading; return ``(fd, size)`` or a one-line error."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: opening a FIFO or device named like a checkpoint must not hang.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise SourceError(f"no such file: {path}") from None
     except IsADirectoryError:
@@ -53,12 +55,50 @@ def open_file(path: str) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def _classify_non_zip(path: str, head: bytes) -> SourceError:
+def _first_unsafe_global(data: bytes) -> str | None:
+    """Scan the successive pickles of a legacy torch file, without running them, for the
+    first global a tensor checkpoint would not need."""
+    import io
+    import pickletools
+
+    from paramctl.sources.pickle_vm import _Machine
+
+    stream = io.BytesIO(data)
+    checker = _Machine(b"")
+    strings: list[str] = []
+    try:
+        for _ in range(8):  # magic, protocol, sys info, the object, storage keys
+            if stream.tell() >= len(data):
+                return None
+            for op, arg, _pos in pickletools.genops(stream):
+                if isinstance(arg, str):
+                    strings = [*strings[-1:], arg]
+                name = None
+                if op.name in ("GLOBAL", "INST"):
+                    name = str(arg).replace(" ", ".", 1)
+                elif op.name == "STACK_GLOBAL" and len(strings) == 2:
+                    name = ".".join(strings)
+                if name is not None:
+                    module, _, attr = name.rpartition(".")
+                    try:
+                        checker._global(module, attr, 0)
+                    except UnsafeFileError:
+                        return name
+                if op.name == "STOP":
+                    break
+    except (ValueError, EOFError, UnicodeError, struct.error):
+        return None
+    return None
+
+
+def _classify_non_zip(path: str, head: bytes, fd: int) -> SourceError:
     if not head:
         return CorruptFileError(f"{path}: the file is empty")
     if head[:1] == b"\x80":
+        bad = _first_unsafe_global(os.pread(fd, 64 << 20, 0))
+        what = f"it refers to global '{bad}', and reading it" if bad else "reading it"
         return UnsafeFileError(
-            f"{path}: legacy (pre-1.6, non-zip) torch format; reading it means unpickling "
+            f"{path}: legacy (pre-1.6, non-zip) torch format; {what} means unpickling "
             "arbitrary objects. If you trust the file, pass --unsafe-load, or re-save it "
             "with torch.save"
         )
@@ -80,7 +120,7 @@ class PtSource:
         try:
             head = os.pread(fd, 4, 0)
             if head != _ZIP_MAGIC:
-                raise _classify_non_zip(path, head)
+                raise _classify_non_zip(path, head, fd)
             self.records = read_records(fd, path, size)
         finally:
             os.close(fd)
