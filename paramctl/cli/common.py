@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -117,7 +118,7 @@ def handle_errors(debug: bool) -> Iterator[None]:
     try:
         yield
     except ParamctlError as exc:
-        if debug:
+        if debug or os.environ.get("PARAMCTL_DEBUG"):
             raise
         sys.stderr.write(f"error: {one_line(str(exc))}\n")
         raise typer.Exit(exc.exit_code) from None

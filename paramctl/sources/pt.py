@@ -37,6 +37,11 @@ _PARAM_PREFIX = b"ctorch._utils\n_rebuild_parameter\n"
 _PARAM_SUFFIX_FROZEN = b"\x89ccollections\nOrderedDict\n)R\x87R"
 
 
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What must not change between reading a file and replacing it under the lock."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def open_file(path: str) -> tuple[int, int]:
     """Open a regular file for reading; return ``(fd, size)`` or a one-line error."""
     try:
@@ -118,6 +123,7 @@ class PtSource:
         self.options = options
         fd, size = open_file(path)
         try:
+            self.identity = file_identity(os.fstat(fd))
             head = os.pread(fd, 4, 0)
             if head != _ZIP_MAGIC:
                 raise _classify_non_zip(path, head, fd)
@@ -295,7 +301,7 @@ class PtSource:
         with locked(self.path):
             fd = os.open(self.path, os.O_RDONLY)
             try:
-                if os.fstat(fd).st_size != self.file_size:
+                if file_identity(os.fstat(fd)) != self.identity:
                     raise SourceError(f"{self.display} changed while paramctl was reading it; "
                                       "run the command again")
                 new_pickle = self._pickle_edits(edit.requires_grad)

@@ -19,7 +19,7 @@ from paramctl.errors import CorruptFileError, OperationError, SourceError
 from paramctl.fileio import atomic_write, copy_range, locked
 from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo
 from paramctl.sources.base import Edit, OpenOptions, register
-from paramctl.sources.pt import open_file
+from paramctl.sources.pt import file_identity, open_file
 
 __all__ = [
     "FROZEN_KEY",
@@ -213,6 +213,7 @@ class SafetensorsSource:
                               "one flat set of tensors")
         fd, size = open_file(path)
         try:
+            self.identity = file_identity(os.fstat(fd))
             self.header = read_header(fd, path, size)
         finally:
             os.close(fd)
@@ -261,7 +262,7 @@ class SafetensorsSource:
         with locked(self.path):
             fd = os.open(self.path, os.O_RDONLY)
             try:
-                if os.fstat(fd).st_size != self.file_size:
+                if file_identity(os.fstat(fd)) != self.identity:
                     raise SourceError(f"{self.display} changed while paramctl was reading it; "
                                       "run the command again")
                 with atomic_write(target, mode_from=self.path) as dst:

@@ -1,0 +1,382 @@
+"""Fuzzing: mutated real checkpoints are either listed or refused with one line.
+
+Seeds are the small sample checkpoints. Mutations are raw (truncate, flip, overwrite,
+splice, insert, delete bytes; half of them aimed at the part the parser reads: the pickle
+and central directory of a torch zip, the header of a safetensors file) and structured
+(opcode-level edits of data.pkl, dropped or resized zip records, JSON-level edits of a
+safetensors header with a correct length prefix).
+
+In-process (``paramctl.core.inspect``, fast): the only acceptable outcomes are success or a
+``ParamctlError`` with a one-line message, within ``PER_EXAMPLE_SECONDS``. A listed mutant
+is also frozen to a new file, which must list again with everything frozen. A few
+mutants go through the real CLI in a subprocess under RLIMIT_AS = 1 GiB.
+
+``PARAMCTL_FUZZ_EXAMPLES`` sets the in-process examples per format (default 150, for CI);
+for a long local run: ``PARAMCTL_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py -s``
+(``-s`` prints the outcome summary).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickletools
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from paramctl.core import change, inspect
+from paramctl.errors import ParamctlError
+from paramctl.rules import Step
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = int(os.environ.get("PARAMCTL_FUZZ_EXAMPLES", "150"))
+CLI_EXAMPLES = max(5, EXAMPLES // 15)
+PER_EXAMPLE_SECONDS = 5.0
+MEMORY_LIMIT = 1 << 30
+
+PT_SEEDS = ("mlp.pt", "cnn.pt", "transformer.pt", "transformer_nested.pt")
+ST_SEEDS = ("mlp.safetensors", "cnn.safetensors", "transformer.safetensors")
+
+OUTCOMES: dict[str, Counter[str]] = {"pt": Counter(), "safetensors": Counter()}
+
+FUZZ_SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+class _Timeout(BaseException):
+    """Raised from SIGALRM; a BaseException so that no ``except Exception`` swallows it."""
+
+
+def _alarm(signum: int, frame: FrameType | None) -> None:
+    raise _Timeout
+
+
+class _Seeds(dict[str, bytes]):
+    """The seed files; a short repr keeps hypothesis' falsifying examples readable."""
+
+    def __repr__(self) -> str:
+        return f"<seeds {sorted(self)}>"
+
+
+@pytest.fixture(scope="module")
+def seeds(samples_dir: Path) -> dict[str, bytes]:
+    return _Seeds({name: (samples_dir / name).read_bytes() for name in PT_SEEDS + ST_SEEDS})
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report() -> Iterator[None]:
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    yield
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) // 1024
+    for fmt, counts in OUTCOMES.items():
+        total = sum(counts.values())
+        print(f"\nfuzz {fmt}: {total} examples")
+        for outcome, n in counts.most_common():
+            print(f"  {n:6d}  {outcome}")
+    print(f"peak RSS growth during fuzzing: {grown} MiB")
+    # A mutant that made paramctl allocate hundreds of MB would show here.
+    assert grown < 512
+
+
+# ---------------------------------------------------------------------------------------
+# mutations
+
+
+def _zip_layout(data: bytes) -> tuple[str, dict[str, bytes], list[tuple[int, int]]]:
+    """(prefix, records, regions worth aiming at: data.pkl bytes, central directory)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        infos = zf.infolist()
+        records = {i.filename: zf.read(i.filename) for i in infos}
+        prefix = infos[0].filename.split("/", 1)[0] + "/"
+        pkl = zf.getinfo(prefix + "data.pkl")
+    start = pkl.header_offset + 30 + len(pkl.filename.encode()) + len(pkl.extra)
+    central = max(i.header_offset for i in infos)
+    return prefix, records, [(start, start + pkl.file_size), (central, len(data))]
+
+
+def _pack(records: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, payload in records.items():
+            zf.writestr(name, payload)
+    return buf.getvalue()
+
+
+_INTERESTING = [0x00, 0x01, 0x7F, 0x80, 0xFF, *b".()]}NRbcsuhqXKJ\x85\x86\x87\x93\x94\x81"]
+_OPCODES = [op.code.encode("latin-1") for op in pickletools.opcodes]
+
+
+@st.composite
+def byte_mutations(draw: st.DrawFn, data: bytes, regions: list[tuple[int, int]]) -> bytes:
+    buf = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        if not buf:
+            break
+        lo, hi = 0, len(buf)
+        if regions and draw(st.booleans()):
+            lo, hi = draw(st.sampled_from(regions))
+            lo, hi = min(lo, len(buf) - 1), min(max(hi, lo + 1), len(buf))
+        pos = draw(st.integers(lo, hi - 1))
+        kind = draw(st.sampled_from(
+            ["truncate", "flip", "set", "splice", "insert", "delete", "duplicate"]))
+        if kind == "truncate":
+            del buf[pos:]
+        elif kind == "flip":
+            buf[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set":
+            buf[pos] = draw(st.sampled_from(_INTERESTING) | st.integers(0, 255))
+        elif kind == "splice":  # overwrite with bytes from elsewhere in the file
+            src = draw(st.integers(0, len(buf) - 1))
+            n = draw(st.integers(1, 64))
+            chunk = buf[src:src + n]
+            buf[pos:pos + len(chunk)] = chunk
+        elif kind == "insert":
+            buf[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        elif kind == "delete":
+            del buf[pos:pos + draw(st.integers(1, 64))]
+        else:
+            n = draw(st.integers(1, 64))
+            buf[pos:pos] = buf[pos:pos + n]
+    return bytes(buf)
+
+
+@st.composite
+def pickle_mutations(draw: st.DrawFn, pkl: bytes) -> bytes:
+    """Opcode-level edits: replace, delete, duplicate or insert whole opcodes."""
+    starts = [pos for _, _, pos in pickletools.genops(pkl)] + [len(pkl)]
+    buf = bytearray(pkl)
+    for _ in range(draw(st.integers(1, 3))):
+        i = draw(st.integers(0, len(starts) - 2))
+        a, b = starts[i], starts[i + 1]
+        kind = draw(st.sampled_from(["opcode", "delete", "duplicate", "insert", "arg"]))
+        if a >= len(buf):
+            break
+        if kind == "opcode":
+            buf[a:a + 1] = draw(st.sampled_from(_OPCODES))
+        elif kind == "delete":
+            del buf[a:b]
+        elif kind == "duplicate":
+            buf[a:a] = buf[a:b]
+        elif kind == "insert":
+            buf[a:a] = draw(st.sampled_from(_OPCODES)) + draw(st.binary(max_size=8))
+        elif b - a > 1:
+            p = draw(st.integers(a + 1, b - 1))
+            buf[p] = draw(st.sampled_from(_INTERESTING) | st.integers(0, 255))
+    return bytes(buf)
+
+
+@st.composite
+def pt_mutants(draw: st.DrawFn, seeds: dict[str, bytes]) -> bytes:
+    data = seeds[draw(st.sampled_from(PT_SEEDS))]
+    prefix, records, regions = _zip_layout(data)
+    mode = draw(st.sampled_from(["bytes", "pickle", "records"]))
+    if mode == "bytes":
+        return draw(byte_mutations(data, regions))
+    if mode == "pickle":
+        records[prefix + "data.pkl"] = draw(pickle_mutations(records[prefix + "data.pkl"]))
+        return _pack(records)
+    name = draw(st.sampled_from(sorted(records)))
+    action = draw(st.sampled_from(["drop", "shrink", "grow", "rename", "empty"]))
+    if action == "drop":
+        del records[name]
+    elif action == "shrink":
+        records[name] = records[name][: draw(st.integers(0, max(0, len(records[name]) - 1)))]
+    elif action == "grow":
+        records[name] += draw(st.binary(min_size=1, max_size=32))
+    elif action == "rename":
+        new = draw(st.sampled_from([f"{prefix}data/99", f"{prefix}data.pkl", "x/data.pkl",
+                                    f"{prefix}data/0", f"{prefix}code/a.py"])
+                   | st.text("abc019_./\n\u00e9", min_size=1, max_size=12))
+        if new.strip("/") and not new.endswith("/"):
+            records[new] = records.pop(name)
+    else:
+        records[name] = b""
+    return _pack(records)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.integers(-1, 10_000)
+    | st.floats(allow_nan=False) | st.text(max_size=8)
+    | st.sampled_from(["F32", "BF16", "I64", "BOOL", "F8_E4M3", "Q4", "__metadata__"]),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=8,
+)
+
+
+def _int_pair(value: object) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)
+
+
+@st.composite
+def st_mutants(draw: st.DrawFn, seeds: dict[str, bytes]) -> bytes:
+    data = seeds[draw(st.sampled_from(ST_SEEDS))]
+    (n,) = struct.unpack("<Q", data[:8])
+    if draw(st.booleans()):
+        return draw(byte_mutations(data, [(0, 8), (8, 8 + n)]))
+    header = json.loads(data[8:8 + n])
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(sorted(header)))
+        entry = header[key]
+        field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "*", "key"]))
+        if field == "key":
+            header[draw(st.text(max_size=8))] = header.pop(key)
+        elif field == "*" or not isinstance(entry, dict):
+            header[key] = draw(_JSON)
+        elif field == "data_offsets" and _int_pair(entry.get("data_offsets")) \
+                and draw(st.booleans()):
+            begin, end = entry["data_offsets"]
+            entry["data_offsets"] = [begin + draw(st.integers(-16, 16)),
+                                     end + draw(st.integers(-16, 16))]
+        else:
+            entry[field] = draw(_JSON)
+    body = json.dumps(header).encode()
+    return struct.pack("<Q", len(body)) + body + data[8 + n:]
+
+
+# ---------------------------------------------------------------------------------------
+# the in-process property
+
+
+def _outcome(exc: BaseException | None) -> str:
+    if exc is None:
+        return "listed"
+    words = " ".join(str(exc).split(": ", 1)[-1].split()[:5])
+    return f"{type(exc).__name__}: {words}"
+
+
+def _check_in_process(path: Path, fmt: str, workdir: Path) -> None:
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, PER_EXAMPLE_SECONDS)
+    try:
+        try:
+            inventory = inspect(str(path))
+        except ParamctlError as exc:
+            message = str(exc)
+            assert message and "\n" not in message and "\r" not in message, repr(message)
+            assert exc.exit_code == 1, (exc.exit_code, message)
+            OUTCOMES[fmt][_outcome(exc)] += 1
+            return
+        OUTCOMES[fmt]["listed"] += 1
+        _check_rewrite(path, fmt, workdir, len(inventory.params))
+    except _Timeout:
+        pytest.fail(f"paramctl took over {PER_EXAMPLE_SECONDS}s on this mutant")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _check_rewrite(path: Path, fmt: str, workdir: Path, count: int) -> None:
+    """A listed mutant can be frozen to a new file, which lists again, all frozen."""
+    out = workdir / f"out{path.suffix}"
+    out.unlink(missing_ok=True)
+    try:
+        change(str(path), [Step("freeze", patterns=("*",))], out=out, allow_empty=True)
+    except ParamctlError as exc:
+        assert "\n" not in str(exc), repr(str(exc))
+        OUTCOMES[fmt]["listed; freeze refused: " + _outcome(exc)] += 1
+        assert not [p for p in workdir.iterdir() if ".paramctl-" in p.name]
+        return
+    again = inspect(str(out))
+    assert len(again.params) == count
+    assert not any(p.requires_grad for p in again.params)
+    OUTCOMES[fmt]["listed; frozen copy lists again"] += 1
+
+
+@FUZZ_SETTINGS
+@given(data=st.data())
+def test_fuzz_pt_in_process(data: st.DataObject, seeds: dict[str, bytes],
+                            workdir: Path) -> None:
+    mutant = data.draw(pt_mutants(seeds))
+    path = workdir / "mutant.pt"
+    path.write_bytes(mutant)
+    _check_in_process(path, "pt", workdir)
+
+
+@FUZZ_SETTINGS
+@given(data=st.data())
+def test_fuzz_safetensors_in_process(data: st.DataObject, seeds: dict[str, bytes],
+                                     workdir: Path) -> None:
+    mutant = data.draw(st_mutants(seeds))
+    path = workdir / "mutant.safetensors"
+    path.write_bytes(mutant)
+    _check_in_process(path, "safetensors", workdir)
+
+
+# ---------------------------------------------------------------------------------------
+# through the CLI, under a memory limit
+
+
+def _run_limited(path: Path) -> subprocess.CompletedProcess[str]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+    return subprocess.run(
+        [sys.executable, "-m", "paramctl", "list", str(path)], capture_output=True, text=True,
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60, preexec_fn=limit,
+    )
+
+
+def _check_cli(path: Path) -> None:
+    result = _run_limited(path)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode in (0, 1), (result.returncode, result.stderr)
+    if result.returncode == 1:
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert "internal error" not in lines[0], lines[0]
+    else:
+        assert result.stdout
+
+
+CLI_SETTINGS = settings(max_examples=CLI_EXAMPLES, deadline=None,
+                        suppress_health_check=[HealthCheck.too_slow])
+
+
+@CLI_SETTINGS
+@given(data=st.data())
+def test_fuzz_pt_cli(data: st.DataObject, seeds: dict[str, bytes], workdir: Path) -> None:
+    path = workdir / "cli_mutant.pt"
+    path.write_bytes(data.draw(pt_mutants(seeds)))
+    _check_cli(path)
+
+
+@CLI_SETTINGS
+@given(data=st.data())
+def test_fuzz_safetensors_cli(data: st.DataObject, seeds: dict[str, bytes],
+                              workdir: Path) -> None:
+    path = workdir / "cli_mutant.safetensors"
+    path.write_bytes(data.draw(st_mutants(seeds)))
+    _check_cli(path)
+
+
+def test_seeds_list_cleanly(seeds: dict[str, bytes], workdir: Path) -> None:
+    """Control: unmutated seeds list and freeze (so failures above are the mutations')."""
+    for name, payload in seeds.items():
+        path = workdir / f"seed_{name}"
+        path.write_bytes(payload)
+        inventory = inspect(str(path))
+        assert inventory.params
+        _check_rewrite(path, "pt" if name.endswith(".pt") else "safetensors", workdir,
+                       len(inventory.params))
