@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from helpers import run_cli  # noqa: E402
 
 from sample_models.make_checkpoints import make_all  # noqa: E402
 
@@ -36,18 +37,6 @@ def sample(samples_dir: Path, tmp_path: Path) -> Callable[[str], Path]:
         return dst
 
     return copy
-
-
-def run_cli(*args: str | os.PathLike[str], input: str | None = None,
-            cwd: Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m paramctl`` in a subprocess (real exit codes, real stdout/stderr)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "paramctl", *map(str, args)],
-        input=input, capture_output=True, text=True, cwd=cwd or REPO, env=full_env,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture

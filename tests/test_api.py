@@ -4,13 +4,12 @@ apply_rules, load_state_dict and frozen_names."""
 from __future__ import annotations
 
 import math
-import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_inproc as run
 from safetensors.torch import load_file
 from torch import nn
 
@@ -19,24 +18,6 @@ from paramctl.errors import NoMatchError, ParamctlError, UsageError
 from sample_models.cnn import SmallCNN
 from sample_models.mlp import MLP
 from sample_models.transformer import TinyTransformer
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: object) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI entry point in this process (no torch import per call)."""
-    from paramctl.cli import main
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGPIPE, signal.SIGXFSZ)}
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess([str(a) for a in args], code, out.out, out.err)
 
 
 def frozen(model: nn.Module) -> set[str]:

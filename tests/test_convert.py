@@ -3,18 +3,16 @@ need --key, and single file -> sharded safetensors with --max-shard-size."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import run_cli, sha
+from helpers import run_inproc as run
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -28,30 +26,6 @@ Sample = Callable[[str], Path]
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def run_cli(*args: object, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "paramctl", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: object) -> subprocess.CompletedProcess[str]:
-    """The real CLI entry point in this process (saves a torch import per call)."""
-    from paramctl.cli import main
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGPIPE, signal.SIGXFSZ)}
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess([str(a) for a in args], code, out.out, out.err)
-
-
 def ident(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return str(t.dtype), tuple(t.shape), raw
@@ -59,10 +33,6 @@ def ident(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
 
 def idents(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
     return {k: ident(v) for k, v in tensors.items()}
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_pt(path: Path) -> dict[str, torch.Tensor]:

@@ -5,10 +5,8 @@ fixture is written by ``torch.distributed.checkpoint.save`` and checked with its
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import warnings
@@ -18,6 +16,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from helpers import folder_state as snapshot
+from helpers import run_cli
+from helpers import run_inproc as run
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -111,32 +112,6 @@ def ckpt(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def run_cli(*args: object, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "paramctl", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env=full_env,
-                          timeout=timeout)
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: object) -> subprocess.CompletedProcess[str]:
-    """The real CLI entry point in this process (saves a torch import per call)."""
-    from paramctl.cli import main
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGPIPE, signal.SIGXFSZ)}
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess([str(a) for a in args], code, out.out, out.err)
-
-
 def ident(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return str(t.dtype), tuple(t.shape), raw
@@ -144,15 +119,6 @@ def ident(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
 
 def idents(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
     return {k: ident(v) for k, v in tensors.items()}
-
-
-def snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
-    out = {}
-    for entry in sorted(folder.iterdir()):
-        st = entry.stat()
-        digest = hashlib.sha256(entry.read_bytes()).hexdigest() if entry.is_file() else "dir"
-        out[entry.name] = (digest, st.st_mtime_ns, st.st_mode)
-    return out
 
 
 def listing(target: Path) -> dict[str, Any]:

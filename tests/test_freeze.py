@@ -3,11 +3,9 @@ loadable results, tied groups, every way of naming parameters, and where the byt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import signal
 import stat
 import struct
 import subprocess
@@ -18,6 +16,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import folder_state
+from helpers import run_inproc as run
 from safetensors.torch import load_file, load_model
 from torch import nn
 
@@ -36,38 +36,6 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def run(capsys: pytest.CaptureFixture[str], *args: object) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI entry point in this process (no torch import per call)."""
-    from paramctl.cli import main
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGPIPE, signal.SIGXFSZ)}
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess([str(a) for a in args], code, out.out, out.err)
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def folder_state(folder: Path) -> dict[str, tuple[str, int, int]]:
-    """name -> (content hash, mtime_ns, mode) for everything in ``folder``."""
-    out = {}
-    for entry in sorted(folder.iterdir()):
-        st = entry.lstat()
-        digest = sha(entry) if entry.is_file() else ""
-        out[entry.name] = (digest, st.st_mtime_ns, st.st_mode)
-    return out
-
-
 TensorBytes = dict[str, tuple[str, tuple[int, ...], bytes]]
 
 

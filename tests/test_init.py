@@ -3,15 +3,15 @@ dtype handling, and errors that leave the file alone."""
 
 from __future__ import annotations
 
-import hashlib
 import math
-import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import folder_state
+from helpers import run_inproc as run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -22,33 +22,6 @@ N = 512
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def run(capsys: pytest.CaptureFixture[str], *args: object) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI entry point in this process (no torch import per call)."""
-    from paramctl.cli import main
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGPIPE, signal.SIGXFSZ)}
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess([str(a) for a in args], code, out.out, out.err)
-
-
-def folder_state(folder: Path) -> dict[str, tuple[str, int, int]]:
-    out = {}
-    for entry in sorted(folder.iterdir()):
-        st = entry.lstat()
-        digest = hashlib.sha256(entry.read_bytes()).hexdigest() if entry.is_file() else ""
-        out[entry.name] = (digest, st.st_mtime_ns, st.st_mode)
-    return out
-
-
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return dict(load_file(str(path)))

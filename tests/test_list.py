@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn

@@ -4,10 +4,7 @@ and clear errors for broken layouts. Every fixture is written by safetensors its
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +12,9 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import folder_state as snapshot
+from helpers import run_cli
+from helpers import run_inproc as run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -84,49 +84,12 @@ def sharded(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def run_cli(*args: object, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``python -m paramctl`` in a subprocess: real exit codes, stdout and stderr."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "paramctl", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env=full_env,
-                          timeout=timeout)
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: object) -> subprocess.CompletedProcess[str]:
-    """The real CLI entry point in this process (saves a torch import per call)."""
-    from paramctl.cli import main
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGPIPE, signal.SIGXFSZ)}
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess([str(a) for a in args], code, out.out, out.err)
-
-
 def raw(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def ident(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
     return str(t.dtype), tuple(t.shape), raw(t)
-
-
-def snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
-    """name -> (sha256, mtime_ns, mode) for every entry of ``folder``."""
-    out = {}
-    for entry in sorted(folder.iterdir()):
-        st = entry.stat()
-        digest = hashlib.sha256(entry.read_bytes()).hexdigest() if entry.is_file() else "dir"
-        out[entry.name] = (digest, st.st_mtime_ns, st.st_mode)
-    return out
 
 
 def listing(target: Path, *extra: str) -> dict[str, Any]:

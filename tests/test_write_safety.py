@@ -4,7 +4,6 @@ temporary files a killed run leaves behind are cleaned up by the next run."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import resource
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import folder_state
 from safetensors.torch import save_file
 
 import paramctl
@@ -27,15 +27,6 @@ from paramctl.rules import Step, parse_init_rule
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 TEMP_MARK = ".paramctl-"
-
-
-def folder_state(folder: Path) -> dict[str, tuple[str, int, int]]:
-    out = {}
-    for entry in sorted(folder.iterdir()):
-        st = entry.lstat()
-        digest = hashlib.sha256(entry.read_bytes()).hexdigest() if entry.is_file() else ""
-        out[entry.name] = (digest, st.st_mtime_ns, st.st_mode)
-    return out
 
 
 def temps(folder: Path) -> list[str]:

@@ -1,0 +1,60 @@
+"""Helpers shared by the test modules (plain functions; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: object, input: str | None = None, cwd: Path | None = None,
+            env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m paramctl`` in a subprocess (real exit codes, real stdout/stderr)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "paramctl", *map(str, args)],
+        input=input, capture_output=True, text=True, cwd=cwd or REPO, env=full_env,
+        timeout=timeout,
+    )
+
+
+def run_inproc(capsys: pytest.CaptureFixture[str],
+               *args: object) -> subprocess.CompletedProcess[str]:
+    """The real CLI entry point in this process (saves a torch import per call)."""
+    from paramctl.cli import main
+
+    # main() installs SIGPIPE/SIGXFSZ handlers for a real process; put pytest's back.
+    saved = {s: signal.getsignal(s) for s in (signal.SIGPIPE, signal.SIGXFSZ)}
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([str(a) for a in args], code, out.out, out.err)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def folder_state(folder: Path) -> dict[str, tuple[str, int, int]]:
+    """name -> (content hash, mtime_ns, mode) for everything in ``folder``."""
+    out = {}
+    for entry in sorted(folder.iterdir()):
+        st = entry.lstat()
+        digest = sha(entry) if entry.is_file() and not entry.is_symlink() else "-"
+        out[entry.name] = (digest, st.st_mtime_ns, st.st_mode)
+    return out
