@@ -7,6 +7,7 @@ so the list follows the installed torch rather than a hand-kept table.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,10 +311,10 @@ def parse_steps(doc: Mapping[str, Any], origin: str = "rules") -> tuple[list[Ste
 
 def load_rules_file(path: Path) -> tuple[list[Step], int | None]:
     """Read and validate a TOML rules file."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
 
     try:
         text = path.read_text(encoding="utf-8")
