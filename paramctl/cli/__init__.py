@@ -27,10 +27,9 @@ HELP = """Look inside PyTorch models and checkpoints, and decide which parameter
 
 Examples:
 
+\b
   paramctl list ckpt.pt --trainable
-
   paramctl freeze ckpt.pt 'backbone.*' --exclude 'backbone.layer4'
-
   paramctl init ckpt.pt 'head.*.weight=normal(std=0.02)' '*.bias=zeros' --seed 0
 
 Exit codes: 0 ok, 1 input or operation failed, 2 usage error, 3 a pattern matched nothing.

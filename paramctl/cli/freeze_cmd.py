@@ -35,18 +35,17 @@ from paramctl.errors import UsageError
 FREEZE_EXAMPLES = """
 Examples:
 
+\b
   paramctl freeze ckpt.pt 'backbone.*' --exclude 'backbone.layer4'
-
   paramctl freeze model.safetensors encoder -o frozen.safetensors --dry-run
-
   paramctl list ckpt.pt -f names | grep attn | paramctl freeze ckpt.pt --names-from -
 """
 
 UNFREEZE_EXAMPLES = """
 Examples:
 
+\b
   paramctl unfreeze ckpt.pt 'backbone.layer4.*'
-
   paramctl unfreeze model.safetensors '*' -o trainable.safetensors
 """
 

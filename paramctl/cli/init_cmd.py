@@ -39,24 +39,25 @@ if TYPE_CHECKING:
 INIT_EXAMPLES = """
 Examples:
 
+\b
   paramctl init ckpt.pt '*.bias=zeros' 'head.*.weight=normal(std=0.02)' --seed 0
-
-  paramctl init model.safetensors 'classifier=kaiming_uniform(a=2.23, nonlinearity=leaky_relu)'
-  -o reset.safetensors
-
+  paramctl init model.safetensors 'classifier=kaiming_uniform(a=2.23)' -o reset.safetensors
   paramctl init ckpt.pt 'lm_head=trunc_normal(std=0.02)' --dry-run
 """
 
 APPLY_EXAMPLES = """
 Example rules.toml:
 
+\b
   [[rule]]
   freeze = ["backbone.*"]
   exclude = ["backbone.layer4.*"]
-
   [[rule]]
   init = "head.*.weight=trunc_normal(std=0.02)"
 
+and the command:
+
+\b
   paramctl apply ckpt.pt rules.toml --seed 1 -o tuned.pt
 """
 

@@ -28,12 +28,10 @@ from paramctl.errors import UsageError
 EXAMPLES = """
 Examples:
 
+\b
   paramctl list ckpt.pt --trainable
-
   paramctl list model.safetensors -f json | jq '.totals'
-
   paramctl list sample_models/mlp.py:MLP --arg hidden=64 --tree
-
   paramctl list ckpt.pt 'encoder.*' '!*.bias' -f names
 """
 
