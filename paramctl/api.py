@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from paramctl.errors import SourceError, UsageError
+from paramctl.model import FLOAT_DTYPES, tied_groups
 from paramctl.rules import InitRule, Step, load_rules_file, parse_init_rule, run_init
 from paramctl.select import select
-from paramctl.sources.base import Edit, OpenOptions, open_source
+from paramctl.sources.base import Edit, OpenOptions, Source, open_source
 
 if TYPE_CHECKING:
     import torch
@@ -42,17 +43,28 @@ def _file_source(path: str | os.PathLike[str], key: str | None = None) -> Any:
     return source
 
 
+def _frozen(source: Source) -> list[str]:
+    return [p.name for p in source.params()
+            if not p.requires_grad and p.dtype in FLOAT_DTYPES and not p.buffer]
+
+
 def frozen_names(path: str | os.PathLike[str], *, key: str | None = None) -> list[str]:
     """Names the checkpoint records as frozen (read from metadata; no tensor data).
 
     >>> frozen_names("ckpt.pt")  # doctest: +SKIP
     ['backbone.0.weight', 'backbone.0.bias']
     """
-    from paramctl.model import FLOAT_DTYPES
+    return _frozen(open_source(os.fspath(path), OpenOptions(key=key)))
 
-    source = open_source(os.fspath(path), OpenOptions(key=key))
-    return [p.name for p in source.params()
-            if not p.requires_grad and p.dtype in FLOAT_DTYPES and not p.buffer]
+
+def describe_mismatch(missing: Sequence[str], unexpected: Sequence[str]) -> str:
+    """``missing from the file: a, b; not in the model: c`` (first five of each)."""
+    parts = []
+    if missing:
+        parts.append(f"missing from the file: {', '.join(missing[:5])}")
+    if unexpected:
+        parts.append(f"not in the model: {', '.join(unexpected[:5])}")
+    return "; ".join(parts)
 
 
 def load_state_dict(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True,
@@ -68,24 +80,17 @@ def load_state_dict(model: nn.Module, path: str | os.PathLike[str], *, strict: b
     """
     source = _file_source(path, key)
     tensors: dict[str, torch.Tensor] = source.load_tensors()
-    frozen = set(frozen_names(path, key=key))
-    tied_ok: set[str] = set()
-    groups: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    for members in groups.values():
-        if any(m in tensors for m in members):
-            tied_ok.update(m for m in members if m not in tensors)
+    frozen = set(_frozen(source))
+    tied = _tied_names(model)
+    # A name the file lacks is fine when a name it is tied to is in the file.
+    tied_ok = {name for name, group in tied.items()
+               if name not in tensors and any(m in tensors for m in group)}
     result = model.load_state_dict(tensors, strict=False, assign=assign)
     missing = [k for k in result.missing_keys if k not in tied_ok]
     unexpected = list(result.unexpected_keys)
     if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing from the file: {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"not in the model: {', '.join(unexpected[:5])}")
-        raise SourceError(f"{path} does not match the model ({'; '.join(parts)}); "
+        raise SourceError(f"{path} does not match the model "
+                          f"({describe_mismatch(missing, unexpected)}); "
                           "pass strict=False to load what matches")
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.is_floating_point() or p.is_complex():
@@ -126,13 +131,11 @@ def unfreeze(model: nn.Module, patterns: Sequence[str] | str, *,
     return _set_trainable(model, pats, excludes, True, allow_empty)
 
 
-def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+def _tied_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
     """name -> every name of the same Parameter object (itself included), in order."""
-    groups: dict[int, list[str]] = {}
     named = list(model.named_parameters(remove_duplicate=False))
-    for name, p in named:
-        groups.setdefault(id(p), []).append(name)
-    return {name: groups[id(p)] for name, p in named}
+    others = tied_groups((name, id(p)) for name, p in named)
+    return {name: (name, *others[name]) for name, _ in named}
 
 
 def _init_steps(model: nn.Module, steps: Sequence[Step], seed: int | None,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from paramctl.errors import OperationError
-from paramctl.fileio import Progress, atomic_write, copy_range
+from paramctl.fileio import Progress, atomic_write, copy_range, write_all
 from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES
 from paramctl.sources.pickle_vm import STORAGE_DTYPES
 from paramctl.sources.zipio import NewRecord, Record, write_zip
@@ -56,12 +56,6 @@ def _bytes_of(spec: TensorSpec) -> bytes | bytearray:
     return data
 
 
-def _emit(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def write_safetensors(out: Path, specs: Sequence[TensorSpec], metadata: dict[str, str],
                       progress: Progress | None = None) -> Path:
     from paramctl.sources.safetensors import (
@@ -79,12 +73,12 @@ def write_safetensors(out: Path, specs: Sequence[TensorSpec], metadata: dict[str
     header = encode_header(entries, frozen_metadata(metadata, frozen))
     with atomic_write(out) as fh:
         fd = fh.fileno()
-        _emit(fd, header)
+        write_all(fd, header)
         for s in specs:
             if s.load is None and s.fd is not None:
                 copy_range(s.fd, fd, s.offset, s.nbytes, progress)
             else:
-                _emit(fd, _bytes_of(s))
+                write_all(fd, _bytes_of(s))
                 if progress is not None:
                     progress(s.nbytes)
     return out
@@ -231,39 +225,38 @@ def output_kind(out: Path) -> str:
 
 
 def _pt_specs(source: Any, edit: Edit, fd: int) -> list[TensorSpec]:
+    params = source.params()
     # Only floating-point tensors can be frozen; integer ones are never trainable.
-    frozen_now = {p.name for p in source.params()
-                  if not p.requires_grad and p.dtype in FLOAT_DTYPES}
+    frozen = edit.frozen_after(
+        (p.name for p in params if not p.requires_grad and p.dtype in FLOAT_DTYPES),
+        (p.name for p in params if p.dtype in FLOAT_DTYPES))
     specs = []
-    for p in source.params():
+    for p in params:
         ref = source.tensors[p.name]
         rec = source._storage_record(ref)
-        frozen = p.dtype in FLOAT_DTYPES and \
-            not edit.requires_grad.get(p.name, p.name not in frozen_now)
         contiguous = ref.stride == _contiguous_stride(ref.shape) and ref.offset == 0 \
             and p.nbytes == rec.size
         if contiguous and p.name not in edit.init:
-            specs.append(TensorSpec(p.name, p.dtype, p.shape, frozen, p.nbytes, fd, rec.offset))
+            specs.append(TensorSpec(p.name, p.dtype, p.shape, p.name in frozen, p.nbytes, fd,
+                                    rec.offset))
         else:
-            specs.append(TensorSpec(p.name, p.dtype, p.shape, frozen, p.nbytes,
+            specs.append(TensorSpec(p.name, p.dtype, p.shape, p.name in frozen, p.nbytes,
                                     load=_pt_loader(source, fd, p.name, edit)))
     return specs
 
 
 def _pt_loader(source: Any, fd: int, name: str, edit: Edit) -> Callable[[], bytes]:
     def load() -> bytes:
-        import torch
 
-        from paramctl.tensors import frombuffer
+        from paramctl.tensors import frombuffer, tensor_bytes
 
         ref = source.tensors[name]
         rec = source._storage_record(ref)
-        buf = bytearray(os.pread(fd, rec.size, rec.offset))
-        view = frombuffer(buf, ref.dtype).as_strided(ref.shape, ref.stride, ref.offset)
-        tensor = view.contiguous().clone()
+        buf = bytearray(os.pread(fd, rec.size, rec.offset))  # private: may be changed
+        tensor = frombuffer(buf, ref.dtype).as_strided(ref.shape, ref.stride, ref.offset)
         if name in edit.init and edit.init_fn is not None:
             edit.init_fn(name, tensor)
-        return bytes(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return tensor_bytes(tensor)
 
     return load
 

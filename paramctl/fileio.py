@@ -21,12 +21,36 @@ from typing import Any, BinaryIO, cast
 
 from paramctl.errors import WriteError
 
-__all__ = ["TEMP_MARK", "atomic_write", "copy_range", "locked", "resolve_target"]
+__all__ = [
+    "TEMP_MARK",
+    "atomic_write",
+    "copy_range",
+    "file_identity",
+    "locked",
+    "resolve_target",
+    "write_all",
+]
 
 TEMP_MARK = ".paramctl-"
 _CHUNK = 8 << 20
 
 Progress = Callable[[int], None]
+
+
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(st: os.stat_result) -> FileIdentity:
+    """What must not change between reading a file and replacing it under the lock."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> int:
+    """``os.write`` until every byte is out (it may write less); returns the length."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return len(data)
 
 
 def resolve_target(path: Path) -> Path:
@@ -60,15 +84,18 @@ def _explain(exc: OSError) -> str:
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive writer lock on ``path`` (if it exists) for the whole rewrite.
+def locked(path: Path, expect: FileIdentity | None = None) -> Iterator[int | None]:
+    """Hold an exclusive writer lock on ``path`` (if it exists) for the whole rewrite, and
+    yield the locked read-only fd (``None`` when the file does not exist yet).
 
     A second paramctl writing the same file is refused at once instead of racing; the
     lock is taken on the file itself and re-checked after the fact, so a writer that
-    opened the file just before another replaced it notices and stops.
+    opened the file just before another replaced it notices and stops. With ``expect``
+    (the :func:`file_identity` taken when the source was read), a file that changed
+    in between is refused too, so no write starts from a stale read.
     """
     if not path.exists():
-        yield
+        yield None
         return
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -82,12 +109,16 @@ def locked(path: Path) -> Iterator[None]:
                 f"{path} is being rewritten by another paramctl process; try again when it "
                 "has finished"
             ) from None
-        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+        st = os.fstat(fd)
+        if os.stat(path).st_ino != st.st_ino:
             raise WriteError(
                 f"{path} was replaced by another process while opening it; run the command "
                 "again"
             )
-        yield
+        if expect is not None and file_identity(st) != expect:
+            raise WriteError(f"{path} changed while paramctl was reading it; run the command "
+                             "again")
+        yield fd
     finally:
         os.close(fd)
 
@@ -206,13 +237,7 @@ def copy_range(src: int, dst: int, offset: int, length: int,
                 use_cfr = False
                 continue
         else:
-            data = os.pread(src, min(step, _CHUNK), pos)
-            n = len(data)
-            if n:
-                view = memoryview(data)
-                while view:
-                    written = os.write(dst, view)
-                    view = view[written:]
+            n = write_all(dst, os.pread(src, min(step, _CHUNK), pos))
         if n == 0:
             raise OSError(errno.EIO, f"unexpected end of input at byte {pos}")
         pos += n

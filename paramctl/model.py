@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
 
-__all__ = ["DTYPE_SIZES", "FLOAT_DTYPES", "Inventory", "ParamInfo", "Totals", "totals"]
+__all__ = [
+    "DTYPE_SIZES", "FLOAT_DTYPES", "Inventory", "ParamInfo", "Totals", "tied_groups", "totals",
+]
 
 # Bytes per element for every dtype paramctl can describe without torch. Sub-byte and
 # packed types count whole storage bytes (float4_e2m1fn_x2 packs two values in a byte).
@@ -70,8 +72,7 @@ class ParamInfo:
 
     ``requires_grad`` is the effective trainable flag: for files, a floating-point tensor
     is trainable unless the file records it frozen. ``tied`` names the other entries that
-    share this tensor's storage, or is empty. ``storage`` identifies the storage for tie
-    detection (format specific) and is not part of the public output.
+    share this tensor's storage, or is empty.
     """
 
     name: str
@@ -82,7 +83,6 @@ class ParamInfo:
     requires_grad: bool
     buffer: bool = False
     tied: tuple[str, ...] = ()
-    storage: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape_text(self) -> str:
@@ -101,6 +101,19 @@ class Totals:
     nbytes: int
     by_dtype: dict[str, int]
     tensors: int
+
+
+def tied_groups(keyed: Iterable[tuple[str, Hashable]]) -> dict[str, tuple[str, ...]]:
+    """``name -> the other names with the same key`` (a tied group), in listing order.
+
+    The key is whatever identifies one tensor in a format: a storage and view in a ``.pt``,
+    the ``Parameter`` object in a module.
+    """
+    pairs = list(keyed)
+    groups: dict[Hashable, list[str]] = {}
+    for name, key in pairs:
+        groups.setdefault(key, []).append(name)
+    return {name: tuple(n for n in groups[key] if n != name) for name, key in pairs}
 
 
 def totals(params: Sequence[ParamInfo]) -> Totals:
@@ -133,5 +146,3 @@ class Inventory:
     source: str
     format: str
     params: list[ParamInfo]
-    # Names of tensors the source records as frozen (subset of params' names).
-    notes: tuple[str, ...] = ()

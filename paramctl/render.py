@@ -7,6 +7,7 @@ written directly so pipelines never pay for it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
@@ -218,7 +219,7 @@ def render_tree(inv: Inventory, fmt: str, out: TextIO, *, depth: int | None = No
 
 
 # -- changes ---------------------------------------------------------------------------------
-def _action_text(action: str, before: bool, after: bool) -> str:
+def _action_text(action: str) -> str:
     if action in ("freeze", "unfreeze"):
         return action
     return f"init {action}"
@@ -264,7 +265,7 @@ def render_changes(result: ChangeResult, fmt: str, out: TextIO, *, dry_run: bool
         for c in changes:
             note = f"tied with {c.via}" if c.via else ""
             table.add_row(c.name, "x".join(map(str, c.shape)) or "scalar", c.dtype,
-                          _action_text(c.action, c.before, c.after), note)
+                          _action_text(c.action), note)
         console.print(table)
     out.write(summary_line(result, dry_run=dry_run) + "\n")
 
@@ -272,7 +273,7 @@ def render_changes(result: ChangeResult, fmt: str, out: TextIO, *, dry_run: bool
 def summary_line(result: ChangeResult, *, dry_run: bool) -> str:
     """One sentence saying what happened (or would happen)."""
     n = len(result.changes)
-    numel = sum(p for p in (_numel(c.shape) for c in result.changes))
+    numel = sum(math.prod(c.shape) for c in result.changes)
     verb = "would change" if dry_run else "changed"
     parts = [f"{verb} {n} tensor{'s' if n != 1 else ''} ({numel:,} params)"]
     tied = [c for c in result.changes if c.via]
@@ -288,10 +289,3 @@ def summary_line(result: ChangeResult, *, dry_run: bool) -> str:
     if result.written is not None:
         return text + f"; wrote {result.written}"
     return text + "; nothing to write"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -6,6 +6,7 @@ so the list follows the installed torch rather than a hand-kept table.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -153,10 +154,7 @@ def _probe(shape: tuple[int, ...], shrink: bool) -> torch.Tensor:
     """
     import torch
 
-    numel = 1
-    for d in shape:
-        numel *= d
-    if shrink and numel > 1 << 16:
+    if shrink and math.prod(shape) > 1 << 16:
         shape = tuple(min(d, 16) for d in shape)
     return torch.empty(shape)
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["dtype_name", "frombuffer", "torch_dtype"]
+__all__ = ["dtype_name", "frombuffer", "tensor_bytes", "torch_dtype"]
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -35,3 +35,10 @@ def frombuffer(buf: bytearray, dtype: str) -> torch.Tensor:
         warnings.simplefilter("ignore")
         raw = torch.frombuffer(buf, dtype=torch.uint8)
     return raw.view(torch_dtype(dtype))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's elements in row-major order as raw bytes (one copy)."""
+    import torch
+
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -162,5 +162,3 @@ class ProgressBar:
 def progress_for(label: str, quiet: bool) -> ProgressBar:
     return ProgressBar(label, not quiet)
 
-
-Renderer = Callable[..., None]

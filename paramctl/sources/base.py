@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -56,6 +56,16 @@ class Edit:
     @property
     def empty(self) -> bool:
         return not self.requires_grad and not self.init
+
+    def frozen_after(self, frozen: Iterable[str], names: Iterable[str]) -> set[str]:
+        """The frozen set once this edit's flags are applied, limited to ``names``."""
+        out = set(frozen) & set(names)
+        for name, want in self.requires_grad.items():
+            if want:
+                out.discard(name)
+            else:
+                out.add(name)
+        return out
 
 
 class Source(Protocol):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,13 @@ from paramctl.errors import (
 from paramctl.fileio import TEMP_MARK, atomic_write, copy_range, locked
 from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo
 from paramctl.sources.base import Edit, OpenOptions, register
-from paramctl.sources.pickle_vm import _DTYPE_ALIASES, _DTYPE_GLOBALS, Global, _Machine
+from paramctl.sources.pickle_vm import (
+    _DTYPE_ALIASES,
+    _DTYPE_GLOBALS,
+    Global,
+    _Machine,
+    parse_pickle,
+)
 
 __all__ = ["FROZEN_FILE", "DcpSource", "read_metadata"]
 
@@ -179,14 +185,9 @@ def _read_metadata_safe(folder: Path) -> DcpMetadata:
     if not data:
         raise CorruptFileError(f"{path}: the file is empty")
     try:
-        root = _DcpMachine(data).run()
+        root = parse_pickle(data, _DcpMachine).root
     except (CorruptFileError, UnsafeFileError) as exc:
         raise type(exc)(f"{path}: {exc}") from None
-    except RecursionError:
-        raise CorruptFileError(f"{path}: pickle is nested too deeply") from None
-    except (ValueError, KeyError, IndexError, TypeError, struct.error, UnicodeError,
-            OverflowError, MemoryError) as exc:
-        raise CorruptFileError(f"{path}: malformed pickle: {exc}") from None
     if not isinstance(root, Obj) or root.cls != "Metadata":
         raise CorruptFileError(f"{path}: not DCP metadata")
     sdm = root.get("state_dict_metadata")
@@ -274,9 +275,7 @@ class DcpSource:
     def params(self) -> list[ParamInfo]:
         out = []
         for e in self.meta.tensors:
-            numel = 1
-            for d in e.shape:
-                numel *= d
+            numel = math.prod(e.shape)
             out.append(ParamInfo(
                 name=e.name, shape=e.shape, dtype=e.dtype, numel=numel,
                 nbytes=numel * DTYPE_SIZES.get(e.dtype, 1),
@@ -287,10 +286,7 @@ class DcpSource:
         return sum(p.nbytes for p in self.params())
 
     def new_frozen(self, edit: Edit) -> set[str]:
-        frozen = self.frozen & {e.name for e in self.meta.tensors}
-        for name, want in edit.requires_grad.items():
-            (frozen.discard if want else frozen.add)(name)
-        return frozen
+        return edit.frozen_after(self.frozen, (e.name for e in self.meta.tensors))
 
     def write(self, edit: Edit, out: Path | None,
               progress: Callable[[int], None] | None = None) -> Path:
@@ -359,12 +355,12 @@ class DcpSource:
 
         def loader(name: str) -> Callable[[], bytes]:
             def load() -> bytes:
-                import torch
+                from paramctl.tensors import tensor_bytes
 
                 tensor = self._load_tensors([name])[name]
                 if name in edit.init and edit.init_fn is not None:
                     edit.init_fn(name, tensor)
-                return bytes(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+                return tensor_bytes(tensor)
             return load
 
         specs = [TensorSpec(p.name, p.dtype, p.shape, p.name in frozen, p.nbytes,

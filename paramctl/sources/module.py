@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from paramctl.errors import SourceError, UsageError
-from paramctl.model import FLOAT_DTYPES, ParamInfo
+from paramctl.model import FLOAT_DTYPES, ParamInfo, tied_groups
 from paramctl.sources.base import Edit, OpenOptions, register
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 __all__ = ["ModuleSource", "build_module", "parse_args"]
@@ -127,34 +128,30 @@ def is_module_path(spec: str) -> bool:
     )
 
 
-def module_params(module: nn.Module, *, buffers: bool) -> list[ParamInfo]:
-    """ParamInfo for every parameter name (tied names included) and, optionally, buffers."""
+def tensor_info(name: str, tensor: torch.Tensor, *, trainable: bool, buffer: bool = False,
+                tied: tuple[str, ...] = ()) -> ParamInfo:
+    """ParamInfo for a real (or meta) tensor; only floating-point tensors can train."""
     from paramctl.tensors import dtype_name
 
-    groups: dict[int, list[str]] = {}
+    dtype = dtype_name(tensor.dtype)
+    return ParamInfo(
+        name=name, shape=tuple(tensor.shape), dtype=dtype, numel=tensor.numel(),
+        nbytes=tensor.numel() * tensor.element_size(),
+        requires_grad=trainable and dtype in FLOAT_DTYPES, buffer=buffer, tied=tied,
+    )
+
+
+def module_params(module: nn.Module, *, buffers: bool) -> list[ParamInfo]:
+    """ParamInfo for every parameter name (tied names included) and, optionally, buffers."""
     named = list(module.named_parameters(remove_duplicate=False))
-    for name, p in named:
-        groups.setdefault(id(p), []).append(name)
-    out = []
-    for name, p in named:
-        dtype = dtype_name(p.dtype)
-        out.append(ParamInfo(
-            name=name, shape=tuple(p.shape), dtype=dtype, numel=p.numel(),
-            nbytes=p.numel() * p.element_size(),
-            requires_grad=bool(p.requires_grad) and dtype in FLOAT_DTYPES,
-            tied=tuple(n for n in groups[id(p)] if n != name),
-        ))
+    tied = tied_groups((name, id(p)) for name, p in named)
+    out = [tensor_info(name, p, trainable=bool(p.requires_grad), tied=tied[name])
+           for name, p in named]
     if buffers:
-        bgroups: dict[int, list[str]] = {}
         named_b = list(module.named_buffers(remove_duplicate=False))
-        for name, b in named_b:
-            bgroups.setdefault(id(b), []).append(name)
-        for name, b in named_b:
-            out.append(ParamInfo(
-                name=name, shape=tuple(b.shape), dtype=dtype_name(b.dtype), numel=b.numel(),
-                nbytes=b.numel() * b.element_size(), requires_grad=False, buffer=True,
-                tied=tuple(n for n in bgroups[id(b)] if n != name),
-            ))
+        tied_b = tied_groups((name, id(b)) for name, b in named_b)
+        out += [tensor_info(name, b, trainable=False, buffer=True, tied=tied_b[name])
+                for name, b in named_b]
     return out
 
 
@@ -175,20 +172,14 @@ class ModuleSource:
             built = build_module(self.spec, self.options.args,
                                  meta=meta and self.options.weights is None)
             if self.options.weights is not None:
-                from paramctl.api import load_state_dict
+                from paramctl.api import describe_mismatch, load_state_dict
 
                 result = load_state_dict(built, self.options.weights, strict=False,
                                          key=self.options.key, assign=meta)
                 if result.missing_keys or result.unexpected_keys:
-                    parts = []
-                    if result.missing_keys:
-                        parts.append("missing from the file: "
-                                     + ", ".join(result.missing_keys[:5]))
-                    if result.unexpected_keys:
-                        parts.append("not in the model: "
-                                     + ", ".join(result.unexpected_keys[:5]))
-                    raise SourceError(f"--weights {self.options.weights} does not fit "
-                                      f"{self.spec} ({'; '.join(parts)})")
+                    raise SourceError(
+                        f"--weights {self.options.weights} does not fit {self.spec} "
+                        f"({describe_mismatch(result.missing_keys, result.unexpected_keys)})")
             self._module, self._meta = built, meta
         return self._module
 

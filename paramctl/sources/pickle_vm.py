@@ -13,6 +13,7 @@ the pickle by splicing a few opcodes and leave every other byte as it was.
 from __future__ import annotations
 
 import io
+import math
 import pickletools
 import reprlib
 import struct
@@ -156,10 +157,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -650,13 +648,14 @@ def _numel_over(shape: tuple[int, ...], limit: int) -> bool:
     return False
 
 
-def parse_pickle(data: bytes) -> ParsedPickle:
+def parse_pickle(data: bytes, machine_class: type[_Machine] | None = None) -> ParsedPickle:
     """Run the restricted machine over ``data`` (a torch ``data.pkl``).
 
-    Raises :class:`UnsafeFileError` for any global outside the allowlist and
+    ``machine_class`` extends the allowlist (DCP's metadata records). Raises
+    :class:`UnsafeFileError` for any global outside the allowlist and
     :class:`CorruptFileError` for a malformed stream.
     """
-    machine = _Machine(data)
+    machine = (machine_class or _Machine)(data)
     try:
         root = machine.run()
     except (UnsafeFileError, CorruptFileError):

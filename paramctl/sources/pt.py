@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from paramctl.errors import CorruptFileError, OperationError, SourceError, UnsafeFileError
-from paramctl.fileio import atomic_write, locked
-from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo
+from paramctl.fileio import atomic_write, file_identity, locked
+from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo, tied_groups
 from paramctl.sources.base import Edit, OpenOptions, register
 from paramctl.sources.pickle_vm import ParsedPickle, TensorRef, parse_pickle
 from paramctl.sources.statedict import find_state_dict
@@ -35,11 +35,6 @@ _NEWTRUE = b"\x88"
 _NEWFALSE = b"\x89"
 _PARAM_PREFIX = b"ctorch._utils\n_rebuild_parameter\n"
 _PARAM_SUFFIX_FROZEN = b"\x89ccollections\nOrderedDict\n)R\x87R"
-
-
-def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What must not change between reading a file and replacing it under the lock."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def open_file(path: str) -> tuple[int, int]:
@@ -128,28 +123,16 @@ class PtSource:
             if head != _ZIP_MAGIC:
                 raise _classify_non_zip(path, head, fd)
             self.records = read_records(fd, path, size)
+            self.pickle_record = self._find_pickle(path)
+            # From the same fd as the records: never a pickle of some other file.
+            self.pickle_bytes = os.pread(fd, self.pickle_record.size, self.pickle_record.offset)
         finally:
             os.close(fd)
-        self.file_size = size
-        names = [r.name for r in self.records]
-        pkl = next((r for r in self.records if r.name.endswith("data.pkl")
-                    and r.name.count("/") == 1), None)
-        if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
-            raise SourceError(f"{path}: a TorchScript archive, not a checkpoint; "
-                              "open it with torch.jit.load")
-        if pkl is None:
-            raise CorruptFileError(f"{path}: not a torch checkpoint (no data.pkl record)")
-        if pkl.size > MAX_PICKLE_BYTES:
-            raise CorruptFileError(f"{path}: data.pkl is {pkl.size} bytes, over the "
-                                   f"{MAX_PICKLE_BYTES} byte limit")
-        self.prefix = pkl.name[: -len("data.pkl")]
-        self.pickle_record = pkl
-        self.by_name = {r.name: r for r in self.records}
-        with open(path, "rb") as fh:
-            fh.seek(pkl.offset)
-            self.pickle_bytes = fh.read(pkl.size)
-        if len(self.pickle_bytes) != pkl.size:
+        if len(self.pickle_bytes) != self.pickle_record.size:
             raise CorruptFileError(f"{path}: truncated data.pkl")
+        self.file_size = size
+        self.prefix = self.pickle_record.name[: -len("data.pkl")]
+        self.by_name = {r.name: r for r in self.records}
         try:
             self.parsed: ParsedPickle = parse_pickle(self.pickle_bytes)
         except (UnsafeFileError, CorruptFileError) as exc:
@@ -163,6 +146,20 @@ class PtSource:
         self._check_storages()
 
     # -- reading -----------------------------------------------------------------------
+    def _find_pickle(self, path: str) -> Record:
+        names = [r.name for r in self.records]
+        pkl = next((r for r in self.records if r.name.endswith("data.pkl")
+                    and r.name.count("/") == 1), None)
+        if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+            raise SourceError(f"{path}: a TorchScript archive, not a checkpoint; "
+                              "open it with torch.jit.load")
+        if pkl is None:
+            raise CorruptFileError(f"{path}: not a torch checkpoint (no data.pkl record)")
+        if pkl.size > MAX_PICKLE_BYTES:
+            raise CorruptFileError(f"{path}: data.pkl is {pkl.size} bytes, over the "
+                                   f"{MAX_PICKLE_BYTES} byte limit")
+        return pkl
+
     def _storage_record(self, ref: TensorRef) -> Record:
         rec = self.by_name.get(f"{self.prefix}data/{ref.storage.key}")
         if rec is None:
@@ -189,12 +186,9 @@ class PtSource:
                 )
 
     def params(self) -> list[ParamInfo]:
-        groups: dict[tuple[Any, ...], list[str]] = {}
-        for name, ref in self.tensors.items():
-            groups.setdefault(self._identity(ref), []).append(name)
+        tied = tied_groups((name, self._identity(ref)) for name, ref in self.tensors.items())
         out = []
         for name, ref in self.tensors.items():
-            members = groups[self._identity(ref)]
             frozen = ref.is_parameter and not ref.requires_grad
             out.append(ParamInfo(
                 name=name,
@@ -203,8 +197,7 @@ class PtSource:
                 numel=ref.numel,
                 nbytes=ref.numel * DTYPE_SIZES.get(ref.dtype, 1),
                 requires_grad=ref.dtype in FLOAT_DTYPES and not frozen,
-                tied=tuple(m for m in members if m != name),
-                storage=ref.storage.key,
+                tied=tied[name],
             ))
         return out
 
@@ -298,32 +291,27 @@ class PtSource:
             from paramctl.convert import convert
 
             return convert(self, edit, out, progress)
-        with locked(self.path):
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                if file_identity(os.fstat(fd)) != self.identity:
-                    raise SourceError(f"{self.display} changed while paramctl was reading it; "
-                                      "run the command again")
-                new_pickle = self._pickle_edits(edit.requires_grad)
-                replacements: dict[str, NewRecord | Callable[[], NewRecord]] = {}
-                if new_pickle is not self.pickle_bytes:
-                    replacements[self.pickle_record.name] = NewRecord(new_pickle)
-                if edit.init:
-                    if edit.init_fn is None:
-                        raise AssertionError("init without init_fn")
-                    by_record: dict[str, list[str]] = {}
-                    for name in edit.init:
-                        rec = self._storage_record(self.tensors[name])
-                        by_record.setdefault(rec.name, []).append(name)
-                    for rec_name, names in by_record.items():
-                        replacements[rec_name] = self._init_record(
-                            fd, self.by_name[rec_name], sorted(names), edit.init_fn)
-                align = self._alignment(fd)
-                with atomic_write(target, mode_from=self.path) as dst:
-                    write_zip(fd, dst.fileno(), self.records, replacements, align=align,
-                              progress=progress)
-            finally:
-                os.close(fd)
+        with locked(self.path, expect=self.identity) as fd:
+            if fd is None:
+                raise SourceError(f"{self.display} disappeared while paramctl was reading it")
+            new_pickle = self._pickle_edits(edit.requires_grad)
+            replacements: dict[str, NewRecord | Callable[[], NewRecord]] = {}
+            if new_pickle is not self.pickle_bytes:
+                replacements[self.pickle_record.name] = NewRecord(new_pickle)
+            if edit.init:
+                if edit.init_fn is None:
+                    raise AssertionError("init without init_fn")
+                by_record: dict[str, list[str]] = {}
+                for name in edit.init:
+                    rec = self._storage_record(self.tensors[name])
+                    by_record.setdefault(rec.name, []).append(name)
+                for rec_name, names in by_record.items():
+                    replacements[rec_name] = self._init_record(
+                        fd, self.by_name[rec_name], sorted(names), edit.init_fn)
+            align = self._alignment(fd)
+            with atomic_write(target, mode_from=self.path) as dst:
+                write_zip(fd, dst.fileno(), self.records, replacements, align=align,
+                          progress=progress)
         return target
 
     # -- tensors for the Python API ------------------------------------------------------
@@ -372,25 +360,18 @@ class UnsafePtSource:
             self.container = state
 
     def params(self) -> list[ParamInfo]:
-        from paramctl.sources.module import module_params
-        from paramctl.tensors import dtype_name
+        import torch
+
+        from paramctl.sources.module import module_params, tensor_info
 
         if self.module is not None:
             return module_params(self.module, buffers=True)
-        groups: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
-        for name, t in self.state.items():
-            key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape))
-            groups.setdefault(key, []).append(name)
-        out = []
-        for name, t in self.state.items():
-            key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape))
-            dtype = dtype_name(t.dtype)
-            frozen = isinstance(t, __import__("torch").nn.Parameter) and not t.requires_grad
-            out.append(ParamInfo(name=name, shape=tuple(t.shape), dtype=dtype, numel=t.numel(),
-                                 nbytes=t.numel() * t.element_size(),
-                                 requires_grad=dtype in FLOAT_DTYPES and not frozen,
-                                 tied=tuple(n for n in groups[key] if n != name)))
-        return out
+        tied = tied_groups(
+            (name, (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape)))
+            for name, t in self.state.items())
+        return [tensor_info(name, t, tied=tied[name], trainable=not (
+                    isinstance(t, torch.nn.Parameter) and not t.requires_grad))
+                for name, t in self.state.items()]
 
     def total_bytes(self) -> int:
         return sum(p.nbytes for p in self.params())

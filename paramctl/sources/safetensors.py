@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -16,10 +17,10 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from paramctl.errors import CorruptFileError, OperationError, SourceError
-from paramctl.fileio import atomic_write, copy_range, locked
+from paramctl.fileio import atomic_write, copy_range, file_identity, locked, write_all
 from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo
 from paramctl.sources.base import Edit, OpenOptions, register
-from paramctl.sources.pt import file_identity, open_file
+from paramctl.sources.pt import open_file
 
 __all__ = [
     "FROZEN_KEY",
@@ -66,10 +67,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -238,13 +236,7 @@ class SafetensorsSource:
         return self.file_size
 
     def new_frozen(self, edit: Edit) -> set[str]:
-        frozen = set(self.frozen) & set(self.entries)
-        for name, want in edit.requires_grad.items():
-            if want:
-                frozen.discard(name)
-            else:
-                frozen.add(name)
-        return frozen
+        return edit.frozen_after(self.frozen, self.entries)
 
     def write(self, edit: Edit, out: Path | None,
               progress: Callable[[int], None] | None = None) -> Path:
@@ -259,17 +251,12 @@ class SafetensorsSource:
         else:
             header = encode_header(self.header.tensors,
                                    frozen_metadata(self.header.metadata, frozen))
-        with locked(self.path):
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                if file_identity(os.fstat(fd)) != self.identity:
-                    raise SourceError(f"{self.display} changed while paramctl was reading it; "
-                                      "run the command again")
-                with atomic_write(target, mode_from=self.path) as dst:
-                    _write(dst.fileno(), header)
-                    self._copy_data(fd, dst.fileno(), edit, progress)
-            finally:
-                os.close(fd)
+        with locked(self.path, expect=self.identity) as fd:
+            if fd is None:
+                raise SourceError(f"{self.display} disappeared while paramctl was reading it")
+            with atomic_write(target, mode_from=self.path) as dst:
+                write_all(dst.fileno(), header)
+                self._copy_data(fd, dst.fileno(), edit, progress)
         return target
 
     def _copy_data(self, src: int, dst: int, edit: Edit,
@@ -282,7 +269,7 @@ class SafetensorsSource:
                 continue
             if e.begin > pending:
                 copy_range(src, dst, start + pending, e.begin - pending, progress)
-            _write(dst, self._initialised(src, e, edit))
+            write_all(dst, self._initialised(src, e, edit))
             if progress is not None:
                 progress(e.end - e.begin)
             pending = e.end
@@ -307,12 +294,6 @@ class SafetensorsSource:
             return dict(load_file(str(self.path)))
         except Exception as exc:  # the Rust loader raises its own error type
             raise CorruptFileError(f"{self.display}: {exc}") from None
-
-
-def _write(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _detect(spec: str) -> bool:

@@ -130,18 +130,14 @@ class ShardedSource:
             e = self.entries[name]
             out.append(ParamInfo(name=name, shape=e.shape, dtype=e.dtype, numel=e.numel,
                                  nbytes=e.end - e.begin,
-                                 requires_grad=e.dtype in FLOAT_DTYPES and name not in self.frozen,
-                                 storage=self.weight_map[name]))
+                                 requires_grad=e.dtype in FLOAT_DTYPES and name not in self.frozen))
         return out
 
     def total_bytes(self) -> int:
         return sum(self.sizes.values())
 
     def new_frozen(self, edit: Edit) -> set[str]:
-        frozen = set(self.frozen) & set(self.weight_map)
-        for name, want in edit.requires_grad.items():
-            (frozen.discard if want else frozen.add)(name)
-        return frozen
+        return edit.frozen_after(self.frozen, self.weight_map)
 
     def _index_doc(self, frozen: set[str], weight_map: dict[str, str] | None = None
                    ) -> bytes:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from paramctl.errors import CorruptFileError
-from paramctl.fileio import Progress, copy_range
+from paramctl.fileio import Progress, copy_range, write_all
 
 __all__ = ["NewRecord", "Record", "read_records", "write_zip"]
 
@@ -154,11 +154,7 @@ def write_zip(
 
     def emit(data: bytes | bytearray | memoryview) -> None:
         nonlocal cursor
-        view = memoryview(data)
-        while view:
-            n = os.write(out_fd, view)
-            view = view[n:]
-            cursor += n
+        cursor += write_all(out_fd, data)
 
     for rec in records:
         name = rec.name.encode("utf-8")
