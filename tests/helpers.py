@@ -58,3 +58,34 @@ def folder_state(folder: Path) -> dict[str, tuple[str, int, int]]:
         digest = sha(entry) if entry.is_file() and not entry.is_symlink() else "-"
         out[entry.name] = (digest, st.st_mtime_ns, st.st_mode)
     return out
+
+
+def one_error_line(res: subprocess.CompletedProcess[str], *,
+                   ignore_warnings: bool = False) -> str:
+    """The single ``error: ...`` line on stderr (no traceback); ``warning:`` lines are
+    skipped when ``ignore_warnings``."""
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    if ignore_warnings:
+        lines = [ln for ln in lines if not ln.startswith("warning: ")]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: "), res.stderr
+    return lines[0]
+
+
+def list_json_in_fresh_python(target: Path) -> subprocess.CompletedProcess[str]:
+    """``paramctl list TARGET -f json`` in a new interpreter that then reports on stderr
+    ``RESULT <exit code> <torch modules imported>`` (``RESULT 0 []`` when torch-free)."""
+    script = (
+        "import sys, runpy\n"
+        f"sys.argv = ['paramctl', 'list', {str(target)!r}, '-f', 'json']\n"
+        "try:\n"
+        "    runpy.run_module('paramctl', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'torch')\n"
+        "sys.stderr.write('RESULT %r %r\\n' % (code, heavy[:5]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                          timeout=60)

@@ -4,14 +4,13 @@ need --key, and single file -> sharded safetensors with --max-shard-size."""
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import run_cli, sha
+from helpers import one_error_line, run_cli, sha
 from helpers import run_inproc as run
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -21,7 +20,6 @@ import paramctl
 from sample_models.cnn import SmallCNN
 from sample_models.llama import Llama
 
-REPO = Path(__file__).resolve().parent.parent
 Sample = Callable[[str], Path]
 
 
@@ -55,14 +53,6 @@ def listing(target: Path) -> dict[str, dict[str, Any]]:
     res = run_cli("list", target, "-f", "json")
     assert res.returncode == 0, res.stderr
     return {p["name"]: p for p in json.loads(res.stdout)["parameters"]}
-
-
-def one_error_line(res: subprocess.CompletedProcess[str]) -> str:
-    assert "Traceback" not in res.stderr, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: "), res.stderr
-    return lines[0]
 
 
 def mixed_checkpoint(path: Path) -> dict[str, torch.Tensor]:

@@ -13,17 +13,22 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from helpers import REPO, list_json_in_fresh_python, run_cli
 from helpers import folder_state as snapshot
-from helpers import run_cli
 from helpers import run_inproc as run
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
+
+def one_error_line(res: subprocess.CompletedProcess[str]) -> str:
+    """DCP runs may print an --unsafe-load warning before the error line."""
+    return helpers.one_error_line(res, ignore_warnings=True)
+
 
 # Flattened tensor names, in the order DCP records them, with dtype and shape.
 TENSORS: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
@@ -133,14 +138,6 @@ def listed_frozen(target: Path) -> set[str]:
             if not p["requires_grad"] and p["dtype"] != "int64"}
 
 
-def one_error_line(res: subprocess.CompletedProcess[str]) -> str:
-    assert "Traceback" not in res.stderr, res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("warning: ")]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: "), res.stderr
-    return lines[0]
-
-
 def dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
@@ -176,19 +173,7 @@ def test_list_agrees_with_saved_state_dict(ckpt: tuple[Path, dict[str, Any]]) ->
 
 def test_list_does_not_import_torch(ckpt: tuple[Path, dict[str, Any]]) -> None:
     folder, _ = ckpt
-    script = (
-        "import sys, runpy\n"
-        f"sys.argv = ['paramctl', 'list', {str(folder)!r}, '-f', 'json']\n"
-        "try:\n"
-        "    runpy.run_module('paramctl', run_name='__main__')\n"
-        "except SystemExit as exc:\n"
-        "    code = exc.code\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'torch')\n"
-        "sys.stderr.write('RESULT %r %r\\n' % (code, heavy[:5]))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-                         timeout=60)
+    res = list_json_in_fresh_python(folder)
     assert "RESULT 0 []" in res.stderr, res.stderr
     assert [p["name"] for p in json.loads(res.stdout)["parameters"]] == list(TENSORS)
 

@@ -5,23 +5,19 @@ and clear errors for broken layouts. Every fixture is written by safetensors its
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from helpers import folder_state as snapshot
-from helpers import run_cli
+from helpers import list_json_in_fresh_python, one_error_line, run_cli
 from helpers import run_inproc as run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import paramctl
-
-REPO = Path(__file__).resolve().parent.parent
 
 INDEX = "model.safetensors.index.json"
 S1 = "model-00001-of-00003.safetensors"
@@ -119,14 +115,6 @@ def union_of_shards(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def one_error_line(res: subprocess.CompletedProcess[str]) -> str:
-    assert "Traceback" not in res.stderr, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: "), res.stderr
-    return lines[0]
-
-
 FLOAT_NAMES = {n for n in LAYOUT if n != "steps"}
 
 
@@ -166,19 +154,7 @@ def test_list_does_not_import_torch(sharded: tuple[Path, dict[str, torch.Tensor]
                                     ) -> None:
     folder, _ = sharded
     target = folder / INDEX if how == "index" else folder
-    script = (
-        "import sys, runpy\n"
-        f"sys.argv = ['paramctl', 'list', {str(target)!r}, '-f', 'json']\n"
-        "try:\n"
-        "    runpy.run_module('paramctl', run_name='__main__')\n"
-        "except SystemExit as exc:\n"
-        "    code = exc.code\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'torch')\n"
-        "sys.stderr.write('RESULT %r %r\\n' % (code, heavy[:5]))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-                         timeout=60)
+    res = list_json_in_fresh_python(target)
     assert "RESULT 0 []" in res.stderr, res.stderr
     assert {p["name"] for p in json.loads(res.stdout)["parameters"]} == set(LAYOUT)
 
