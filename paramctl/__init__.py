@@ -36,9 +36,9 @@ __all__ = [
 ]
 
 _LAZY = {
-    "Edit": "paramctl.sources.base",
+    "Edit": "paramctl.model",
     "OpenOptions": "paramctl.sources.base",
-    "open_source": "paramctl.sources.base",
+    "open_source": "paramctl.sources",
     "Inventory": "paramctl.model",
     "ParamInfo": "paramctl.model",
     "ParamctlError": "paramctl.errors",
@@ -68,9 +68,10 @@ if TYPE_CHECKING:
     )
     from paramctl.core import change, inspect
     from paramctl.errors import ParamctlError
-    from paramctl.model import Inventory, ParamInfo
+    from paramctl.model import Edit, Inventory, ParamInfo
     from paramctl.select import select
-    from paramctl.sources.base import Edit, OpenOptions, open_source
+    from paramctl.sources import open_source
+    from paramctl.sources.base import OpenOptions
 
 
 def __getattr__(name: str) -> Any:

@@ -1,21 +1,23 @@
 """The pipeline every command runs: open -> select -> plan -> (write). Pure data in and out.
 
 Commands call :func:`inspect` (list) or :func:`change` (freeze, unfreeze, init, apply);
-both return plain records that :mod:`paramctl.render` turns into output.
+both return plain records (:mod:`paramctl.model`) that :mod:`paramctl.render` turns into
+output. Writing is :func:`paramctl.writers.write`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paramctl.errors import OperationError, UsageError
-from paramctl.model import FLOAT_DTYPES, Inventory, ParamInfo
+from paramctl.model import FLOAT_DTYPES, Change, ChangeResult, Edit, Inventory, ParamInfo
 from paramctl.rules import InitRule, Step, check_applies, run_init
 from paramctl.select import select
-from paramctl.sources.base import Edit, OpenOptions, Source, open_source
+from paramctl.sources import open_source
+from paramctl.sources.base import OpenOptions, Source
 from paramctl.sources.statedict import strip_prefix
 
 if TYPE_CHECKING:
@@ -43,6 +45,10 @@ class View:
 def open_view(spec: str, options: OpenOptions | None = None, *,
               prefix: str | None = None) -> View:
     source = open_source(spec, options)
+    if options is not None and options.weights is not None and source.format == "module":
+        from paramctl.weights import weights_loader
+
+        source.load_weights = weights_loader(options)  # type: ignore[attr-defined]
     params = source.params()
     if not prefix:
         return View(source, params, {p.name: p.name for p in params})
@@ -72,30 +78,6 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
               and (trainable is None or (p.requires_grad == trainable and not p.buffer
                                          and p.dtype in FLOAT_DTYPES))]
     return Inventory(view.source.display, view.source.format, params)
-
-
-@dataclass(frozen=True)
-class Change:
-    """One parameter a command changes. ``via`` names the tied name that pulled it in."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    action: str  # "freeze", "unfreeze" or an init call such as "normal(std=0.02)"
-    before: bool
-    after: bool
-    via: str | None = None
-
-
-@dataclass
-class ChangeResult:
-    source: str
-    format: str
-    changes: list[Change]
-    unchanged: list[str] = field(default_factory=list)  # selected, already in that state
-    skipped: list[str] = field(default_factory=list)  # selected, never trainable
-    written: Path | None = None
-    warnings: list[str] = field(default_factory=list)  # e.g. what a conversion drops
 
 
 def _expand_tied(names: list[str], view: View) -> list[tuple[str, str | None]]:
@@ -200,7 +182,9 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
     notes = getattr(view.source, "conversion_warnings", None)
     if out is not None and notes is not None:
         result.warnings.extend(notes(out))
+    from paramctl.writers import write
+
     total = view.source.total_bytes()
     step = (lambda n: progress(n, total)) if progress is not None else None
-    result.written = view.source.write(edit, out, step)
+    result.written = write(view.source, edit, out, step)
     return result

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
-    "DTYPE_SIZES", "FLOAT_DTYPES", "Inventory", "ParamInfo", "Totals", "tied_groups", "totals",
+    "DTYPE_SIZES", "FLOAT_DTYPES", "Change", "ChangeResult", "Edit", "InitFn", "Inventory",
+    "ParamInfo", "TensorRecord", "Totals", "tied_groups", "totals",
 ]
 
 # Bytes per element for every dtype paramctl can describe without torch. Sub-byte and
@@ -146,3 +152,79 @@ class Inventory:
     source: str
     format: str
     params: list[ParamInfo]
+
+
+# Called with (name, tensor) for every tensor the edit initialises; changes it in place.
+InitFn = Callable[[str, "torch.Tensor"], None]
+
+
+@dataclass(frozen=True)
+class Edit:
+    """What a write changes. Names are the source's stored names.
+
+    ``requires_grad`` holds only the names whose flag changes; ``init`` the names to
+    re-initialise, each through ``init_fn``.
+    """
+
+    requires_grad: Mapping[str, bool] = field(default_factory=dict)
+    init: frozenset[str] = frozenset()
+    init_fn: InitFn | None = None
+    # Output layout, not content: split a single-file source into shards of this size.
+    max_shard_size: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.requires_grad and not self.init
+
+    def frozen_after(self, frozen: Iterable[str], names: Iterable[str]) -> set[str]:
+        """The frozen set once this edit's flags are applied, limited to ``names``."""
+        out = set(frozen) & set(names)
+        for name, want in self.requires_grad.items():
+            if want:
+                out.discard(name)
+            else:
+                out.add(name)
+        return out
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor in the stream a writer consumes (and ``stats``/``diff`` read).
+
+    Its bytes are either ``nbytes`` contiguous bytes at ``offset`` of the open file ``fd``
+    (copied in-kernel, never through Python) or whatever ``load`` returns (a transform: an
+    initialised tensor, a strided view made contiguous, a cast).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    frozen: bool
+    nbytes: int
+    fd: int | None = None
+    offset: int = 0
+    load: Callable[[], bytes | bytearray] | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    """One parameter a command changes. ``via`` names the tied name that pulled it in."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    action: str  # "freeze", "unfreeze" or an init call such as "normal(std=0.02)"
+    before: bool
+    after: bool
+    via: str | None = None
+
+
+@dataclass
+class ChangeResult:
+    source: str
+    format: str
+    changes: list[Change]
+    unchanged: list[str] = field(default_factory=list)  # selected, already in that state
+    skipped: list[str] = field(default_factory=list)  # selected, never trainable
+    written: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. what a conversion drops

@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from paramctl.errors import ParamctlError, UsageError
+
+if TYPE_CHECKING:
+    from paramctl.render.text import ProgressBar
 
 SourceArg = Annotated[str, typer.Argument(
     help="Checkpoint (.pt .pth .bin .ckpt .safetensors), sharded index or folder, DCP folder, "
@@ -124,41 +126,8 @@ def handle_errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(exc.exit_code) from None
 
 
-class ProgressBar:
-    """A stderr progress bar that appears only for writes longer than about a second."""
-
-    def __init__(self, label: str, enabled: bool) -> None:
-        self.total = 0
-        self.label = label
-        self.enabled = enabled and sys.stderr.isatty()
-        self.done = 0
-        self.start = time.monotonic()
-        self._bar: Any = None
-        self._task: Any = None
-
-    def __call__(self, n: int, total: int) -> None:
-        self.done += n
-        self.total = total
-        if not self.enabled:
-            return
-        if self._bar is None:
-            if time.monotonic() - self.start < 1.0:
-                return
-            from rich.console import Console
-            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-            self._bar = Progress("{task.description}", BarColumn(), DownloadColumn(),
-                                 TimeRemainingColumn(), console=Console(stderr=True),
-                                 transient=True)
-            self._bar.start()
-            self._task = self._bar.add_task(self.label, total=self.total)
-        self._bar.update(self._task, completed=self.done)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
 def progress_for(label: str, quiet: bool) -> ProgressBar:
+    from paramctl.render.text import ProgressBar
+
     return ProgressBar(label, not quiet)
 

@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from paramctl.errors import SourceError
-from paramctl.model import ParamInfo
+from paramctl.model import Edit, InitFn, ParamInfo, TensorRecord
 
 if TYPE_CHECKING:
-    import torch
+    from paramctl.io.files import FdPool
 
 __all__ = [
     "Edit",
+    "FileSource",
     "InitFn",
     "OpenOptions",
     "Source",
+    "TensorRecord",
     "detect_format",
-    "open_source",
+    "openers",
     "register",
 ]
-
-# Called with (name, tensor) for every tensor the edit initialises; changes it in place.
-InitFn = Callable[[str, "torch.Tensor"], None]
 
 
 @dataclass(frozen=True)
@@ -39,35 +38,6 @@ class OpenOptions:
     buffers: bool = False
 
 
-@dataclass(frozen=True)
-class Edit:
-    """What a write changes. Names are the source's stored names.
-
-    ``requires_grad`` holds only the names whose flag changes; ``init`` the names to
-    re-initialise, each through ``init_fn``.
-    """
-
-    requires_grad: Mapping[str, bool] = field(default_factory=dict)
-    init: frozenset[str] = frozenset()
-    init_fn: InitFn | None = None
-    # Output layout, not content: split a single-file source into shards of this size.
-    max_shard_size: int | None = None
-
-    @property
-    def empty(self) -> bool:
-        return not self.requires_grad and not self.init
-
-    def frozen_after(self, frozen: Iterable[str], names: Iterable[str]) -> set[str]:
-        """The frozen set once this edit's flags are applied, limited to ``names``."""
-        out = set(frozen) & set(names)
-        for name, want in self.requires_grad.items():
-            if want:
-                out.discard(name)
-            else:
-                out.add(name)
-        return out
-
-
 class Source(Protocol):
     """A model or checkpoint paramctl can read and write back."""
 
@@ -78,13 +48,18 @@ class Source(Protocol):
         """Every named tensor, without reading tensor data where the format allows."""
         ...
 
-    def write(self, edit: Edit, out: Path | None,
-              progress: Callable[[int], None] | None = None) -> Path:
-        """Apply ``edit`` and save, in place (``out is None``) or to ``out``; atomic."""
-        ...
-
     def total_bytes(self) -> int:
         """Bytes a rewrite moves (for a progress bar)."""
+        ...
+
+
+class FileSource(Source, Protocol):
+    r"""A source stored in files: it can stream its tensors as :class:`TensorRecord`\ s
+    (what the writers, ``stats`` and ``diff`` consume). Writing lives in ``writers/``."""
+
+    def records(self, pool: FdPool) -> list[TensorRecord]:
+        """Every tensor in stored order, with its current frozen flag and where its bytes
+        are (fds come from ``pool`` and stay open until the pool closes)."""
         ...
 
 
@@ -118,13 +93,6 @@ def detect_format(spec: str) -> str:
     )
 
 
-def open_source(spec: str, options: OpenOptions | None = None) -> Source:
-    """Open ``spec`` with the first format whose detector accepts it."""
-    from paramctl import sources  # noqa: F401  (registers the built-in formats)
-
-    options = options or OpenOptions()
-    fmt = detect_format(spec)
-    for name, _, opener in _REGISTRY:
-        if name == fmt:
-            return opener(spec, options)
-    raise AssertionError(fmt)
+def openers() -> list[tuple[str, Detector, Opener]]:
+    """The registered formats, in detection order."""
+    return list(_REGISTRY)

@@ -11,7 +11,6 @@ stored bytes and are never unpickled.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -20,16 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from paramctl.errors import (
-    CorruptFileError,
-    OperationError,
-    SourceError,
-    UnsafeFileError,
-    UsageError,
-)
-from paramctl.fileio import TEMP_MARK, atomic_write, copy_range, locked
-from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo
-from paramctl.sources.base import Edit, OpenOptions, register
+from paramctl.errors import CorruptFileError, OperationError, SourceError, UnsafeFileError
+from paramctl.formats import DCP_FROZEN_FILE, DCP_METADATA
+from paramctl.io.files import FdPool
+from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, Edit, ParamInfo, TensorRecord
+from paramctl.sources.base import OpenOptions, register
 from paramctl.sources.pickle_vm import (
     _DTYPE_ALIASES,
     _DTYPE_GLOBALS,
@@ -40,8 +34,8 @@ from paramctl.sources.pickle_vm import (
 
 __all__ = ["FROZEN_FILE", "DcpSource", "read_metadata"]
 
-FROZEN_FILE = ".paramctl.json"
-METADATA = ".metadata"
+FROZEN_FILE = DCP_FROZEN_FILE
+METADATA = DCP_METADATA
 MAX_METADATA_BYTES = 1 << 30
 
 _DCP = "torch.distributed.checkpoint.metadata"
@@ -242,24 +236,6 @@ def read_frozen(folder: Path) -> set[str]:
     return set(names)
 
 
-def _frozen_doc(frozen: set[str]) -> bytes:
-    return (json.dumps({"frozen": sorted(frozen)}, indent=2) + "\n").encode()
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return bool(rc == 0)
-
-
 class DcpSource:
     format = "dcp"
 
@@ -288,41 +264,14 @@ class DcpSource:
     def new_frozen(self, edit: Edit) -> set[str]:
         return edit.frozen_after(self.frozen, (e.name for e in self.meta.tensors))
 
-    def write(self, edit: Edit, out: Path | None,
-              progress: Callable[[int], None] | None = None) -> Path:
-        frozen = self.new_frozen(edit)
-        if out is not None and out.suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
-            return self._convert(edit, frozen, out, progress)
-        if not edit.init:
-            if out is None:
-                with atomic_write(self.folder / FROZEN_FILE) as fh:
-                    fh.write(_frozen_doc(frozen))
-                return self.folder
-            self._copy_folder(out, progress)
-            with atomic_write(out / FROZEN_FILE) as fh:
-                fh.write(_frozen_doc(frozen))
-            return out
-        return self._reinit(edit, frozen, out)
-
-    # -- copying and converting -------------------------------------------------------------
-    def _copy_folder(self, out: Path, progress: Callable[[int], None] | None) -> None:
-        if out.exists() and any(out.iterdir()):
-            raise UsageError(f"-o {out} exists and is not empty; name a new folder")
-        out.mkdir(parents=True, exist_ok=True)
-        for entry in sorted(self.folder.iterdir()):
-            if entry.is_file() and entry.name != FROZEN_FILE and TEMP_MARK not in entry.name:
-                with open(entry, "rb") as fin, atomic_write(out / entry.name,
-                                                            mode_from=entry) as fh:
-                    copy_range(fin.fileno(), fh.fileno(), 0, entry.stat().st_size, progress)
-
-    def _load_tensors(self, names: list[str]) -> dict[str, Any]:
+    def load_named(self, names: list[str]) -> dict[str, Any]:
         """Tensors by name through DCP's own loader (bytes entries are never touched)."""
         import warnings
 
         import torch
         import torch.distributed.checkpoint as dcp
 
-        from paramctl.tensors import torch_dtype
+        from paramctl.tensors import no_dist, torch_dtype
 
         by_name = {e.name: e for e in self.meta.tensors}
         state = {n: torch.empty(by_name[n].shape, dtype=torch_dtype(by_name[n].dtype))
@@ -331,46 +280,13 @@ class DcpSource:
             warnings.simplefilter("ignore")
             try:
                 dcp.load(state, checkpoint_id=str(self.folder),  # type: ignore[attr-defined]
-                         no_dist=_no_dist())
+                         no_dist=no_dist())
             except Exception as exc:  # DCP wraps reader errors in its own types
                 raise CorruptFileError(f"{self.display}: torch.distributed.checkpoint.load "
                                        f"failed: {str(exc).splitlines()[0]}") from None
         return state
 
-    def conversion_warnings(self, out: Path) -> list[str]:
-        if out.suffix and self.meta.byte_entries:
-            names = ", ".join(self.meta.byte_entries[:5])
-            more = ", ..." if len(self.meta.byte_entries) > 5 else ""
-            return [f"{out} holds tensors only; the non-tensor entries of {self.display} "
-                    f"({names}{more}) are not carried over"]
-        return []
-
-    def load_tensors(self) -> dict[str, Any]:
-        """Every tensor entry through DCP's own loader (non-tensor entries are skipped)."""
-        return self._load_tensors([e.name for e in self.meta.tensors])
-
-    def _convert(self, edit: Edit, frozen: set[str], out: Path,
-                 progress: Callable[[int], None] | None) -> Path:
-        from paramctl.convert import TensorSpec, write_pt, write_safetensors
-
-        def loader(name: str) -> Callable[[], bytes]:
-            def load() -> bytes:
-                from paramctl.tensors import tensor_bytes
-
-                tensor = self._load_tensors([name])[name]
-                if name in edit.init and edit.init_fn is not None:
-                    edit.init_fn(name, tensor)
-                return tensor_bytes(tensor)
-            return load
-
-        specs = [TensorSpec(p.name, p.dtype, p.shape, p.name in frozen, p.nbytes,
-                            load=loader(p.name)) for p in self.params()]
-        if out.suffix == ".safetensors":
-            return write_safetensors(out, specs, {"format": "pt"}, progress)
-        return write_pt(out, specs, progress)
-
-    # -- re-initialising through DCP ----------------------------------------------------------
-    def _raw_bytes(self, name: str) -> _RawBytes:
+    def raw_bytes(self, name: str) -> bytes:
         hits = [v for (fqn, _), v in self.meta.storage.items() if fqn == name]
         if len(hits) != 1:
             raise OperationError(f"{self.display}: cannot locate the stored bytes of {name!r}")
@@ -386,142 +302,31 @@ class DcpSource:
             data = fh.read(length)
         if len(data) != length:
             raise CorruptFileError(f"{self.display}: {rel} is truncated")
-        return _RawBytes(data)
+        return data
 
-    def _carry_other_files(self, tmp: Path) -> None:
-        """Copy what DCP does not own (a config, notes, subfolders) into the new folder."""
-        import shutil
+    def records(self, pool: FdPool) -> list[TensorRecord]:
+        """Every tensor, each loaded through DCP's own reader when a writer asks for it."""
+        def loader(name: str) -> Callable[[], bytes]:
+            def load() -> bytes:
+                from paramctl.tensors import tensor_bytes
 
-        owned = {METADATA, FROZEN_FILE} | {rel for rel, _, _, _ in self.meta.storage.values()}
-        for entry in self.folder.iterdir():
-            if entry.name in owned or TEMP_MARK in entry.name or (tmp / entry.name).exists():
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.copytree(entry, tmp / entry.name, symlinks=True)
-            else:
-                shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+                return tensor_bytes(self.load_named([name])[name])
+            return load
 
-    def _reinit(self, edit: Edit, frozen: set[str], out: Path | None) -> Path:
-        import shutil
-        import tempfile
-        import warnings
+        return [TensorRecord(p.name, p.dtype, p.shape, p.name in self.frozen, p.nbytes,
+                             load=loader(p.name)) for p in self.params()]
 
-        import torch.distributed.checkpoint as dcp
+    def conversion_warnings(self, out: Path) -> list[str]:
+        if out.suffix and self.meta.byte_entries:
+            names = ", ".join(self.meta.byte_entries[:5])
+            more = ", ..." if len(self.meta.byte_entries) > 5 else ""
+            return [f"{out} holds tensors only; the non-tensor entries of {self.display} "
+                    f"({names}{more}) are not carried over"]
+        return []
 
-        dist = _dist_info()
-        if out is not None and out.exists() and any(out.iterdir()) and dist.rank == 0:
-            raise UsageError(f"-o {out} exists and is not empty; name a new folder")
-        state: dict[str, Any] = self._load_tensors([e.name for e in self.meta.tensors])
-        for name in sorted(edit.init):
-            if edit.init_fn is None:
-                raise AssertionError("init without init_fn")
-            edit.init_fn(name, state[name])
-        for name in self.meta.byte_entries:
-            state[name] = self._raw_bytes(name)
-        parent = (out or self.folder).resolve().parent
-        target = (out or self.folder).resolve()
-        tmp = Path(dist.shared(lambda: tempfile.mkdtemp(
-            prefix=f".{target.name}{TEMP_MARK}", suffix=".tmp", dir=parent)))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dcp.save(state, checkpoint_id=str(tmp),  # type: ignore[attr-defined]
-                         no_dist=_no_dist(),
-                         planner=_raw_bytes_planner())
-            dist.barrier()
-            if dist.rank == 0:
-                (tmp / FROZEN_FILE).write_bytes(_frozen_doc(frozen))
-                if out is None:
-                    self._carry_other_files(tmp)
-                    os.chmod(tmp, self.folder.stat().st_mode & 0o7777)
-                else:
-                    umask = os.umask(0)
-                    os.umask(umask)
-                    os.chmod(tmp, 0o777 & ~umask)
-                _fsync_tree(tmp)
-                if out is not None:
-                    if target.exists():
-                        target.rmdir()  # checked empty above
-                    os.replace(tmp, target)
-                else:
-                    with locked(self.folder / METADATA):
-                        if not _exchange(tmp, target):
-                            backup = parent / f".{target.name}{TEMP_MARK}old.tmp"
-                            os.replace(target, backup)
-                            os.replace(tmp, target)
-                            tmp = backup
-                    shutil.rmtree(tmp, ignore_errors=True)
-            dist.barrier()
-        except BaseException:
-            if dist.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
-
-
-class _RawBytes(io.BytesIO):
-    """A non-tensor entry's stored bytes, written back as they are (never unpickled)."""
-
-
-def _raw_bytes_planner() -> Any:
-    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-
-    class RawBytesPlanner(DefaultSavePlanner):
-        def transform_object(self, write_item: Any, obj: Any) -> Any:
-            if isinstance(obj, _RawBytes):
-                return obj
-            return super().transform_object(write_item, obj)
-
-    return RawBytesPlanner()
-
-
-def _fsync_tree(folder: Path) -> None:
-    import contextlib
-
-    for entry in folder.iterdir():
-        with contextlib.suppress(OSError), open(entry, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def _no_dist() -> bool:
-    import torch.distributed as tdist
-
-    return not (tdist.is_available() and tdist.is_initialized())
-
-
-@dataclass
-class _Dist:
-    rank: int
-    world: int
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as tdist
-
-            tdist.barrier()
-
-    def shared(self, make: Callable[[], str]) -> str:
-        """Run ``make`` on rank 0 and give every rank its result."""
-        if self.world == 1:
-            return make()
-        import torch.distributed as tdist
-
-        box = [make() if self.rank == 0 else None]
-        tdist.broadcast_object_list(box, src=0)
-        return str(box[0])
-
-
-def _dist_info() -> _Dist:
-    """Join the torchrun job (gloo) when launched as one; otherwise a single process."""
-    import torch.distributed as tdist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and tdist.is_available() and \
-            not tdist.is_initialized():
-        tdist.init_process_group("gloo")
-    if tdist.is_available() and tdist.is_initialized():
-        return _Dist(tdist.get_rank(), tdist.get_world_size())
-    return _Dist(0, 1)
-
+    def load_tensors(self) -> dict[str, Any]:
+        """Every tensor entry through DCP's own loader (non-tensor entries are skipped)."""
+        return self.load_named([e.name for e in self.meta.tensors])
 
 def _detect(spec: str) -> bool:
     return os.path.isdir(spec) and os.path.isfile(os.path.join(spec, METADATA))

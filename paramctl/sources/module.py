@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from paramctl.errors import SourceError, UsageError
-from paramctl.model import FLOAT_DTYPES, ParamInfo, tied_groups
-from paramctl.sources.base import Edit, OpenOptions, register
+from paramctl.model import ParamInfo
+from paramctl.sources.base import OpenOptions, register
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 __all__ = ["ModuleSource", "build_module", "parse_args"]
@@ -128,33 +127,6 @@ def is_module_path(spec: str) -> bool:
     )
 
 
-def tensor_info(name: str, tensor: torch.Tensor, *, trainable: bool, buffer: bool = False,
-                tied: tuple[str, ...] = ()) -> ParamInfo:
-    """ParamInfo for a real (or meta) tensor; only floating-point tensors can train."""
-    from paramctl.tensors import dtype_name
-
-    dtype = dtype_name(tensor.dtype)
-    return ParamInfo(
-        name=name, shape=tuple(tensor.shape), dtype=dtype, numel=tensor.numel(),
-        nbytes=tensor.numel() * tensor.element_size(),
-        requires_grad=trainable and dtype in FLOAT_DTYPES, buffer=buffer, tied=tied,
-    )
-
-
-def module_params(module: nn.Module, *, buffers: bool) -> list[ParamInfo]:
-    """ParamInfo for every parameter name (tied names included) and, optionally, buffers."""
-    named = list(module.named_parameters(remove_duplicate=False))
-    tied = tied_groups((name, id(p)) for name, p in named)
-    out = [tensor_info(name, p, trainable=bool(p.requires_grad), tied=tied[name])
-           for name, p in named]
-    if buffers:
-        named_b = list(module.named_buffers(remove_duplicate=False))
-        tied_b = tied_groups((name, id(b)) for name, b in named_b)
-        out += [tensor_info(name, b, trainable=False, buffer=True, tied=tied_b[name])
-                for name, b in named_b]
-    return out
-
-
 class ModuleSource:
     """An ``nn.Module`` built from code; written back only with ``-o``."""
 
@@ -166,39 +138,28 @@ class ModuleSource:
         self.options = options
         self._module: nn.Module | None = None
         self._meta = True
+        # Set by the core when --weights names a checkpoint: (module, assign, spec) -> None.
+        # The loader opens another source, which a format module must not do itself.
+        self.load_weights: Callable[[nn.Module, bool, str], None] | None = None
 
     def module(self, *, meta: bool = True) -> nn.Module:
         if self._module is None or (self._meta and not meta):
             built = build_module(self.spec, self.options.args,
                                  meta=meta and self.options.weights is None)
             if self.options.weights is not None:
-                from paramctl.api import describe_mismatch, load_state_dict
-
-                result = load_state_dict(built, self.options.weights, strict=False,
-                                         key=self.options.key, assign=meta)
-                if result.missing_keys or result.unexpected_keys:
-                    raise SourceError(
-                        f"--weights {self.options.weights} does not fit {self.spec} "
-                        f"({describe_mismatch(result.missing_keys, result.unexpected_keys)})")
+                if self.load_weights is None:
+                    raise SourceError("--weights needs paramctl.core.open_view to load it")
+                self.load_weights(built, meta, self.spec)
             self._module, self._meta = built, meta
         return self._module
 
     def params(self) -> list[ParamInfo]:
+        from paramctl.tensors import module_params
+
         return module_params(self.module(meta=True), buffers=self.options.buffers)
 
     def total_bytes(self) -> int:
         return sum(p.nbytes for p in self.params())
-
-    def write(self, edit: Edit, out: Path | None,
-              progress: Callable[[int], None] | None = None) -> Path:
-        if out is None:
-            raise UsageError(f"{self.spec} is a module path; name the checkpoint to write "
-                             "with -o OUT.pt or -o OUT.safetensors")
-        from paramctl.api import apply_edit, save_module
-
-        module = self.module(meta=False)
-        apply_edit(module, edit)
-        return save_module(module, out)
 
 
 def _detect(spec: str) -> bool:

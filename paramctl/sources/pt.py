@@ -10,49 +10,26 @@ tensor record is copied unchanged.
 from __future__ import annotations
 
 import os
-import stat
 import struct
-import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from paramctl.errors import CorruptFileError, OperationError, SourceError, UnsafeFileError
-from paramctl.fileio import atomic_write, file_identity, locked
-from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo, tied_groups
-from paramctl.sources.base import Edit, OpenOptions, register
+from paramctl.errors import CorruptFileError, SourceError, UnsafeFileError
+from paramctl.formats import PT_EXTENSIONS
+from paramctl.formats.zip import Record, read_records
+from paramctl.io.files import FdPool, read_exact
+from paramctl.io.reader import ByteReader, LocalReader, is_remote, open_reader
+from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo, TensorRecord, tied_groups
+from paramctl.sources.base import OpenOptions, register
 from paramctl.sources.pickle_vm import ParsedPickle, TensorRef, parse_pickle
 from paramctl.sources.statedict import find_state_dict
-from paramctl.sources.zipio import NewRecord, Record, read_records, write_zip
 
-__all__ = ["EXTENSIONS", "PtSource", "open_file"]
+__all__ = ["EXTENSIONS", "PtSource", "UnsafePtSource", "open_pt"]
 
-EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
+EXTENSIONS = PT_EXTENSIONS
 MAX_PICKLE_BYTES = 1 << 30
 _ZIP_MAGIC = b"PK\x03\x04"
-
-_NEWTRUE = b"\x88"
-_NEWFALSE = b"\x89"
-_PARAM_PREFIX = b"ctorch._utils\n_rebuild_parameter\n"
-_PARAM_SUFFIX_FROZEN = b"\x89ccollections\nOrderedDict\n)R\x87R"
-
-
-def open_file(path: str) -> tuple[int, int]:
-    """Open a regular file for reading; return ``(fd, size)`` or a one-line error."""
-    try:
-        # O_NONBLOCK: opening a FIFO or device named like a checkpoint must not hang.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise SourceError(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise SourceError(f"{path} is a directory, not a checkpoint file") from None
-    except OSError as exc:
-        raise SourceError(f"cannot open {path}: {exc.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise SourceError(f"{path} is not a regular file")
-    return fd, st.st_size
 
 
 def _first_unsafe_global(data: bytes) -> str | None:
@@ -91,11 +68,11 @@ def _first_unsafe_global(data: bytes) -> str | None:
     return None
 
 
-def _classify_non_zip(path: str, head: bytes, fd: int) -> SourceError:
+def _classify_non_zip(path: str, head: bytes, reader: ByteReader) -> SourceError:
     if not head:
         return CorruptFileError(f"{path}: the file is empty")
     if head[:1] == b"\x80":
-        bad = _first_unsafe_global(os.pread(fd, 64 << 20, 0))
+        bad = _first_unsafe_global(reader.pread(64 << 20, 0))
         what = f"it refers to global '{bad}', and reading it" if bad else "reading it"
         return UnsafeFileError(
             f"{path}: legacy (pre-1.6, non-zip) torch format; {what} means unpickling "
@@ -111,28 +88,31 @@ class PtSource:
     """A torch zip checkpoint; ``state`` is everything parsed from it."""
 
     format = "pt"
+    unsafe = False
 
     def __init__(self, path: str, options: OpenOptions) -> None:
         self.display = path
         self.path = Path(path)
         self.options = options
-        fd, size = open_file(path)
+        self.remote = is_remote(path)
+        reader = open_reader(path)
         try:
-            self.identity = file_identity(os.fstat(fd))
-            head = os.pread(fd, 4, 0)
+            self.identity = reader.identity if isinstance(reader, LocalReader) else None
+            size = reader.size
+            head = reader.pread(4, 0)
             if head != _ZIP_MAGIC:
-                raise _classify_non_zip(path, head, fd)
-            self.records = read_records(fd, path, size)
+                raise _classify_non_zip(path, head, reader)
+            self.zip_records = read_records(reader)
             self.pickle_record = self._find_pickle(path)
-            # From the same fd as the records: never a pickle of some other file.
-            self.pickle_bytes = os.pread(fd, self.pickle_record.size, self.pickle_record.offset)
+            # From the same reader as the records: never a pickle of some other file.
+            self.pickle_bytes = reader.pread(self.pickle_record.size, self.pickle_record.offset)
         finally:
-            os.close(fd)
+            reader.close()
         if len(self.pickle_bytes) != self.pickle_record.size:
             raise CorruptFileError(f"{path}: truncated data.pkl")
         self.file_size = size
         self.prefix = self.pickle_record.name[: -len("data.pkl")]
-        self.by_name = {r.name: r for r in self.records}
+        self.by_name = {r.name: r for r in self.zip_records}
         try:
             self.parsed: ParsedPickle = parse_pickle(self.pickle_bytes)
         except (UnsafeFileError, CorruptFileError) as exc:
@@ -147,8 +127,8 @@ class PtSource:
 
     # -- reading -----------------------------------------------------------------------
     def _find_pickle(self, path: str) -> Record:
-        names = [r.name for r in self.records]
-        pkl = next((r for r in self.records if r.name.endswith("data.pkl")
+        names = [r.name for r in self.zip_records]
+        pkl = next((r for r in self.zip_records if r.name.endswith("data.pkl")
                     and r.name.count("/") == 1), None)
         if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
             raise SourceError(f"{path}: a TorchScript archive, not a checkpoint; "
@@ -208,111 +188,24 @@ class PtSource:
     def total_bytes(self) -> int:
         return self.file_size
 
-    # -- writing -----------------------------------------------------------------------
-    def _pickle_edits(self, flags: Mapping[str, bool]) -> bytes:
-        splices: dict[int, tuple[int, bytes]] = {}  # start -> (end, replacement)
-        inserts: dict[int, list[bytes]] = {}
-        done: set[int] = set()
-        for name, want in flags.items():
-            ref = self.tensors[name]
-            if id(ref) in done:
-                continue
-            done.add(id(ref))
-            if ref.is_parameter:
-                if ref.requires_grad == want:
-                    continue
-                if ref.grad_span is None:
-                    raise OperationError(f"{self.display}: cannot locate requires_grad of "
-                                         f"{name!r} in the pickle")
-                start, end = ref.grad_span
-                splices[start] = (end, _NEWTRUE if want else _NEWFALSE)
-            elif not want:
-                start, end = ref.span
-                inserts.setdefault(start, []).append(_PARAM_PREFIX)
-                inserts.setdefault(end, []).insert(0, _PARAM_SUFFIX_FROZEN)
-        if not splices and not inserts:
-            return self.pickle_bytes
-        for start, end in self.parsed.frames:
-            splices[start] = (end, b"")
-        data = self.pickle_bytes
-        pieces: list[bytes] = []
-        cursor = 0
-        for pos in sorted(set(splices) | set(inserts)):
-            if pos < cursor:
-                raise OperationError(f"{self.display}: overlapping tensor definitions in the "
-                                     "pickle; cannot rewrite it safely")
-            pieces.append(data[cursor:pos])
-            cursor = pos
-            # Suffixes close the previous expression first, then prefixes open the next.
-            pieces.extend(inserts.get(pos, []))
-            if pos in splices:
-                end, repl = splices[pos]
-                pieces.append(repl)
-                cursor = end
-        pieces.append(data[cursor:])
-        return b"".join(pieces)
-
-    def _init_record(self, src_fd: int, rec: Record, names: list[str],
-                     init_fn: Callable[[str, Any], None]) -> Callable[[], NewRecord]:
-        def build() -> NewRecord:
-            from paramctl.tensors import frombuffer
-
-            buf = bytearray(os.pread(src_fd, rec.size, rec.offset))
-            if len(buf) != rec.size:
-                raise CorruptFileError(f"{self.display}: truncated record {rec.name}")
-            seen: set[tuple[Any, ...]] = set()
-            for name in names:
-                ref = self.tensors[name]
-                ident = self._identity(ref)
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                base = frombuffer(buf, ref.dtype)
-                view = base.as_strided(ref.shape, ref.stride, ref.offset)
-                init_fn(name, view)
-            return NewRecord(buf, zlib.crc32(buf))
-
-        return build
-
-    def _alignment(self, fd: int) -> int:
-        rec = self.by_name.get(f"{self.prefix}.storage_alignment")
-        if rec is None or rec.size > 16:
-            return 64
-        try:
-            value = int(os.pread(fd, rec.size, rec.offset).decode())
-        except ValueError:
-            return 64
-        return value if 0 < value <= 1 << 16 and value & (value - 1) == 0 else 64
-
-    def write(self, edit: Edit, out: Path | None,
-              progress: Callable[[int], None] | None = None) -> Path:
-        target = out or self.path
-        if out is not None and out.suffix.lower() not in EXTENSIONS:
-            from paramctl.convert import convert
-
-            return convert(self, edit, out, progress)
-        with locked(self.path, expect=self.identity) as fd:
-            if fd is None:
-                raise SourceError(f"{self.display} disappeared while paramctl was reading it")
-            new_pickle = self._pickle_edits(edit.requires_grad)
-            replacements: dict[str, NewRecord | Callable[[], NewRecord]] = {}
-            if new_pickle is not self.pickle_bytes:
-                replacements[self.pickle_record.name] = NewRecord(new_pickle)
-            if edit.init:
-                if edit.init_fn is None:
-                    raise AssertionError("init without init_fn")
-                by_record: dict[str, list[str]] = {}
-                for name in edit.init:
-                    rec = self._storage_record(self.tensors[name])
-                    by_record.setdefault(rec.name, []).append(name)
-                for rec_name, names in by_record.items():
-                    replacements[rec_name] = self._init_record(
-                        fd, self.by_name[rec_name], sorted(names), edit.init_fn)
-            align = self._alignment(fd)
-            with atomic_write(target, mode_from=self.path) as dst:
-                write_zip(fd, dst.fileno(), self.records, replacements, align=align,
-                          progress=progress)
-        return target
+    # -- tensor bytes ------------------------------------------------------------------
+    def records(self, pool: FdPool) -> list[TensorRecord]:
+        """Every tensor of the state dict; contiguous ones as byte ranges of their storage
+        record, strided views made contiguous on demand (numpy, no torch)."""
+        fd = pool.get(self.path)
+        out = []
+        for p in self.params():
+            ref = self.tensors[p.name]
+            rec = self._storage_record(ref)
+            item = DTYPE_SIZES.get(ref.dtype, 1)
+            frozen = ref.is_parameter and not ref.requires_grad and ref.dtype in FLOAT_DTYPES
+            if ref.stride == _contiguous_stride(ref.shape) or ref.numel <= 1:
+                out.append(TensorRecord(p.name, p.dtype, p.shape, frozen, p.nbytes, fd,
+                                        rec.offset + ref.offset * item))
+            else:
+                out.append(TensorRecord(p.name, p.dtype, p.shape, frozen, p.nbytes,
+                                        load=_strided_loader(fd, rec, ref, self.display)))
+        return out
 
     # -- tensors for the Python API ------------------------------------------------------
     def load_tensors(self) -> dict[str, Any]:
@@ -335,6 +228,7 @@ class UnsafePtSource:
     the file. Rewrites re-save the whole object with ``torch.save``."""
 
     format = "pt"
+    unsafe = True
 
     def __init__(self, path: str, options: OpenOptions) -> None:
         import warnings
@@ -362,7 +256,7 @@ class UnsafePtSource:
     def params(self) -> list[ParamInfo]:
         import torch
 
-        from paramctl.sources.module import module_params, tensor_info
+        from paramctl.tensors import module_params, tensor_info
 
         if self.module is not None:
             return module_params(self.module, buffers=True)
@@ -376,27 +270,26 @@ class UnsafePtSource:
     def total_bytes(self) -> int:
         return sum(p.nbytes for p in self.params())
 
-    def write(self, edit: Edit, out: Path | None,
-              progress: Callable[[int], None] | None = None) -> Path:
-        import torch
-
-        target = out or self.path
+    def named_tensors(self) -> dict[str, Any]:
         if self.module is not None:
-            from paramctl.api import apply_edit
+            return dict(self.module.state_dict(keep_vars=True))
+        return self.state
 
-            apply_edit(self.module, edit)
-        else:
-            for name in sorted(edit.init):
-                if edit.init_fn is not None:
-                    with torch.no_grad():
-                        edit.init_fn(name, self.state[name].data)
-            for name, want in edit.requires_grad.items():
-                t = self.state[name]
-                param = torch.nn.Parameter(t.detach(), requires_grad=want)
-                self.container[name] = param  # type: ignore[index]
-        with locked(self.path), atomic_write(target, mode_from=self.path) as fh:
-            torch.save(self.root, fh)
-        return target
+    def records(self, pool: FdPool) -> list[TensorRecord]:
+        """Tensors already in memory (torch unpickled them), serialised on demand."""
+        tensors = self.named_tensors()
+
+        def loader(name: str) -> Callable[[], bytes]:
+            def load() -> bytes:
+                from paramctl.tensors import tensor_bytes
+
+                return tensor_bytes(tensors[name].detach())
+            return load
+
+        return [TensorRecord(p.name, p.dtype, p.shape,
+                             not p.requires_grad and not p.buffer and p.dtype in FLOAT_DTYPES,
+                             p.nbytes, load=loader(p.name))
+                for p in self.params()]
 
 
 def open_pt(path: str, options: OpenOptions) -> PtSource | UnsafePtSource:
@@ -407,6 +300,32 @@ def open_pt(path: str, options: OpenOptions) -> PtSource | UnsafePtSource:
         if not options.unsafe_load:
             raise
         return UnsafePtSource(path, options)
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride = []
+    acc = 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(stride))
+
+
+def _strided_loader(fd: int, rec: Record, ref: TensorRef, display: str
+                    ) -> Callable[[], bytes]:
+    """The view's elements in row-major order, gathered from its storage with numpy."""
+    def load() -> bytes:
+        import numpy as np
+
+        item = DTYPE_SIZES.get(ref.dtype, 1)
+        storage = np.frombuffer(read_exact(fd, rec.size, rec.offset, f"{display}: {rec.name}"),
+                                dtype=f"V{item}")
+        view = np.lib.stride_tricks.as_strided(
+            storage[ref.offset:], shape=ref.shape, strides=[s * item for s in ref.stride],
+            writeable=False)
+        return np.ascontiguousarray(view).tobytes()
+
+    return load
 
 
 def _detect(spec: str) -> bool:

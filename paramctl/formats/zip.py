@@ -1,15 +1,14 @@
-"""Reading and streaming-rewriting the zip container that ``torch.save`` writes.
+"""The zip container that ``torch.save`` writes: reading its directory, streaming a rewrite.
 
 torch stores every record uncompressed and pads each local header with an ``FB`` extra
 field so record data starts on a 64-byte boundary (``torch.load(mmap=True)`` relies on
 it). :func:`write_zip` keeps that layout, copies unchanged records with
-:func:`paramctl.fileio.copy_range` and recomputes nothing it does not need to.
+:func:`paramctl.io.files.copy_range` and recomputes nothing it does not need to.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import struct
 import zipfile
 import zlib
@@ -17,7 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from paramctl.errors import CorruptFileError
-from paramctl.fileio import Progress, copy_range, write_all
+from paramctl.io.files import Progress, copy_range, write_all
+from paramctl.io.reader import ByteReader, ReaderFile
 
 __all__ = ["NewRecord", "Record", "read_records", "write_zip"]
 
@@ -50,10 +50,15 @@ class NewRecord:
     crc: int | None = None
 
 
-def read_records(fd: int, path: str, file_size: int) -> list[Record]:
-    """List the records of a torch zip in file order, validating what the writer relies on."""
+def read_records(reader: ByteReader) -> list[Record]:
+    """List the records of a torch zip in file order, validating what the writer relies on.
+
+    Reads the end-of-central-directory, the central directory and each local header
+    (a few hundred bytes per record), never record data.
+    """
+    path, file_size = reader.name, reader.size
     try:
-        with open(fd, "rb", closefd=False) as fh, zipfile.ZipFile(fh) as zf:
+        with ReaderFile(reader) as fh, zipfile.ZipFile(fh) as zf:
             infos = zf.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError,
             struct.error, NotImplementedError) as exc:  # e.g. "zip file version 7.5"
@@ -73,7 +78,7 @@ def read_records(fd: int, path: str, file_size: int) -> list[Record]:
         seen.add(info.filename)
         if not 0 <= info.header_offset <= file_size - _LOCAL.size:
             raise CorruptFileError(f"{path}: truncated (record {name} is cut off)")
-        header = os.pread(fd, _LOCAL.size, info.header_offset)
+        header = reader.pread(_LOCAL.size, info.header_offset)
         if len(header) < _LOCAL.size:
             raise CorruptFileError(f"{path}: truncated (record {name} is cut off)")
         fields = _LOCAL.unpack(header)

@@ -23,10 +23,12 @@ from paramctl.errors import WriteError
 
 __all__ = [
     "TEMP_MARK",
+    "FdPool",
     "atomic_write",
     "copy_range",
     "file_identity",
     "locked",
+    "read_exact",
     "resolve_target",
     "write_all",
 ]
@@ -123,6 +125,23 @@ def locked(path: Path, expect: FileIdentity | None = None) -> Iterator[int | Non
         os.close(fd)
 
 
+def _block_sigint() -> bool:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    return True
+
+
+def _unblock(blocked: bool) -> None:
+    if blocked:
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @contextlib.contextmanager
 def atomic_write(target: Path, *, mode_from: Path | None = None) -> Iterator[BinaryIO]:
     """Yield an unbuffered binary file that replaces ``target`` when the block succeeds.
@@ -134,13 +153,18 @@ def atomic_write(target: Path, *, mode_from: Path | None = None) -> Iterator[Bin
     target = resolve_target(target)
     folder = target.parent
     _remove_stale_temps(target)
+    # Ctrl-C between creating the temporary file and guarding it would leave it behind:
+    # hold SIGINT until the clean-up below is in place.
+    blocked = _block_sigint()
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=folder)
     except OSError as exc:
+        _unblock(blocked)
         raise WriteError(f"cannot write to {folder}: {_explain(exc)}") from None
     tmp = Path(tmp_name)
     _BEHIND.pop(fd, None)
     try:
+        _unblock(blocked)
         with os.fdopen(fd, "wb", buffering=0) as out:
             yield out
             os.fsync(out.fileno())
@@ -246,3 +270,58 @@ def copy_range(src: int, dst: int, offset: int, length: int,
             _write_behind(dst, os.lseek(dst, 0, os.SEEK_CUR))
         if progress is not None:
             progress(n)
+
+
+class FdPool:
+    """Read-only fds, opened on demand and closed together (a rewrite's inputs).
+
+    ``adopt`` registers an fd the caller already holds (e.g. the locked source file),
+    which the pool uses but does not close.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._owned: list[int] = []
+
+    def adopt(self, path: Path, fd: int) -> None:
+        self._fds[os.path.realpath(path)] = fd
+
+    def get(self, path: Path) -> int:
+        key = os.path.realpath(path)
+        fd = self._fds.get(key)
+        if fd is None:
+            try:
+                fd = os.open(key, os.O_RDONLY)
+            except OSError as exc:
+                raise WriteError(f"cannot open {path}: {_explain(exc)}") from None
+            self._fds[key] = fd
+            self._owned.append(fd)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._owned:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._owned.clear()
+        self._fds.clear()
+
+    def __enter__(self) -> FdPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_exact(fd: int, n: int, offset: int, what: str) -> bytearray:
+    """``n`` bytes at ``offset``, or a one-line error naming ``what`` when the file is short."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        chunk = os.preadv(fd, [view[got:]], offset + got)
+        if chunk == 0:
+            from paramctl.errors import CorruptFileError
+
+            raise CorruptFileError(f"truncated data for {what}")
+        got += chunk
+    return buf

@@ -1,0 +1,47 @@
+"""On-disk layouts shared by the readers (``sources/``) and the writers (``writers/``).
+
+Codecs and constants live here so that a reader and a writer of the same format agree
+without importing each other: ``sources -> formats -> io`` and ``writers -> formats -> io``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DCP_FROZEN_FILE",
+    "DCP_METADATA",
+    "FROZEN_KEY",
+    "INDEX_SUFFIX",
+    "PT_EXTENSIONS",
+    "STORAGE_DTYPES",
+]
+
+# Suffixes of torch zip checkpoints written by torch.save.
+PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
+# Hugging Face sharded safetensors index.
+INDEX_SUFFIX = ".safetensors.index.json"
+# Where paramctl records frozen names: safetensors __metadata__ and sharded index metadata.
+FROZEN_KEY = "paramctl.frozen"
+# DCP folders: torch's metadata file, and paramctl's sidecar with the frozen names.
+DCP_METADATA = ".metadata"
+DCP_FROZEN_FILE = ".paramctl.json"
+
+# torch.<Name>Storage -> dtype name (torch/storage.py _dtype_to_storage_type_map).
+STORAGE_DTYPES: dict[str, str] = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "BFloat16Storage": "bfloat16",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
+    "QInt8Storage": "qint8",
+    "QInt32Storage": "qint32",
+    "QUInt8Storage": "quint8",
+    "QUInt4x2Storage": "quint4x2",
+    "QUInt2x4Storage": "quint2x4",
+}

@@ -1,0 +1,117 @@
+"""Every rewrite goes through here: one writer module per output format, fed a stream of
+:class:`~paramctl.model.TensorRecord`\\ s (or, for a same-format rewrite, the parsed source
+it splices). Readers never import writers; writers never import readers (they take any
+object with the attributes they need), and format modules never import one another except
+that the sharded writer builds its shards with the single-file one.
+
+Adding a writable format: one module here and one entry in :func:`write`'s dispatch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from paramctl.errors import OperationError, UsageError
+from paramctl.formats import FROZEN_KEY, PT_EXTENSIONS
+from paramctl.io.files import FdPool
+from paramctl.model import FLOAT_DTYPES, Edit
+from paramctl.writers.base import Progress, edited
+
+__all__ = ["output_kind", "write"]
+
+
+def output_kind(out: Path) -> str:
+    """``safetensors``, ``pt`` or ``folder`` for an ``-o`` path."""
+    if out.suffix == ".safetensors":
+        return "safetensors"
+    if out.suffix.lower() in PT_EXTENSIONS:
+        return "pt"
+    if out.is_dir() or not out.suffix or str(out).endswith(os.sep):
+        return "folder"
+    raise OperationError(f"-o {out}: unknown output type; use .pt, .safetensors or a folder "
+                         "(sharded safetensors)")
+
+
+_NATIVE = {"pt": "pt", "safetensors": "safetensors", "safetensors-sharded": "folder",
+           "dcp": "folder"}
+
+
+def write(source: Any, edit: Edit, out: Path | None, progress: Progress | None = None) -> Path:
+    """Apply ``edit`` to ``source`` and save it, in place (``out is None``) or to ``out``,
+    atomically. A same-format write keeps everything the edit does not touch; another
+    format streams the tensors one at a time (a conversion)."""
+    if getattr(source, "remote", False):
+        raise UsageError("remote sources are read-only; download first")
+    fmt = source.format
+    if fmt == "module":
+        from paramctl.writers import module
+
+        return module.rewrite(source, edit, out)
+    if fmt == "gguf":
+        raise UsageError(f"{source.display}: GGUF files are read-only in paramctl")
+    kind = output_kind(out) if out is not None else _NATIVE[fmt]
+    if kind == _NATIVE[fmt]:
+        if fmt == "pt":
+            from paramctl.writers import pt
+
+            if source.unsafe:
+                return pt.rewrite_unpickled(source, edit, out)
+            return pt.rewrite(source, edit, out, progress)
+        if fmt == "safetensors":
+            from paramctl.writers import safetensors
+
+            return safetensors.rewrite(source, edit, out, progress)
+        if fmt == "safetensors-sharded":
+            from paramctl.writers import sharded
+
+            return sharded.rewrite(source, edit, out, progress)
+        from paramctl.writers import dcp
+
+        return dcp.rewrite(source, edit, out, progress)
+    return convert(source, edit, out or Path(), kind, progress)
+
+
+def _metadata(source: Any) -> dict[str, str]:
+    """The safetensors ``__metadata__`` a conversion writes (paramctl's frozen list aside)."""
+    if source.format == "safetensors":
+        return {k: v for k, v in source.header.metadata.items() if k != FROZEN_KEY}
+    if source.format == "safetensors-sharded":
+        meta = source.index.get("metadata") or {}
+        return {k: v for k, v in meta.items() if isinstance(v, str) and k != FROZEN_KEY}
+    return {"format": "pt"}
+
+
+def convert(source: Any, edit: Edit, out: Path, kind: str, progress: Progress | None = None
+            ) -> Path:
+    """Write ``source`` (with ``edit`` applied) as ``kind``, one tensor at a time."""
+    if source.format == "pt" and getattr(source, "key_path", None) and source.options.key is None:
+        path = ".".join(source.key_path)
+        raise UsageError(
+            f"{source.display} holds more than a state dict (under {path!r}); the other "
+            f"format stores only tensors, so the rest would be lost. Pass --key {path} to "
+            "convert just the weights"
+        )
+    if kind == "folder" and edit.max_shard_size is None:
+        raise UsageError(f"-o {out} is a folder: pass --max-shard-size (e.g. 5GB) to split "
+                         "into sharded safetensors")
+    with FdPool() as pool:
+        records = source.records(pool)
+        # Only floating-point tensors can be frozen; integer ones are never trainable.
+        frozen = edit.frozen_after((r.name for r in records if r.frozen),
+                                   (r.name for r in records if r.dtype in FLOAT_DTYPES))
+        records = edited(records, edit, frozen)
+        meta = _metadata(source)
+        if kind == "safetensors":
+            from paramctl.writers.safetensors import write_safetensors
+
+            return write_safetensors(out, records, meta, progress)
+        if kind == "pt":
+            from paramctl.writers.pt import write_pt
+
+            return write_pt(out, records, progress)
+        from paramctl.writers.sharded import write_sharded
+
+        assert edit.max_shard_size is not None
+        return write_sharded(out, records, edit.max_shard_size, meta, progress)

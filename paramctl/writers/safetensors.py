@@ -1,0 +1,114 @@
+"""Write ``.safetensors`` files from a record stream, streaming one tensor at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from paramctl.formats.safetensors import (
+    FROZEN_KEY,
+    Header,
+    TensorEntry,
+    encode_header,
+    frozen_metadata,
+    header_records,
+)
+from paramctl.io.files import FileIdentity, atomic_write, copy_range, locked, write_all
+from paramctl.model import Edit, TensorRecord
+from paramctl.writers.base import Progress, edited, record_bytes, source_gone
+
+__all__ = ["rewrite", "rewrite_file", "write_safetensors"]
+
+
+def _entries(records: Sequence[TensorRecord]) -> list[TensorEntry]:
+    entries = []
+    cursor = 0
+    for r in records:
+        entries.append(TensorEntry(r.name, r.dtype, r.shape, cursor, cursor + r.nbytes))
+        cursor += r.nbytes
+    return entries
+
+
+def _same_layout(entries: list[TensorEntry], header: Header) -> bool:
+    old = sorted(header.tensors, key=lambda e: e.begin)
+    return len(old) == len(entries) and all(
+        (a.name, a.dtype, a.shape, a.begin, a.end) == (b.name, b.dtype, b.shape, b.begin, b.end)
+        for a, b in zip(old, entries, strict=True))
+
+
+def write_safetensors(out: Path, records: Sequence[TensorRecord], metadata: dict[str, str],
+                      progress: Progress | None = None, *, keep: Header | None = None,
+                      mode_from: Path | None = None) -> Path:
+    """Write ``records`` (in order) as one safetensors file, atomically.
+
+    ``metadata`` is the ``__metadata__`` without paramctl's frozen list, which comes from
+    the records' flags. ``keep``: the header the records were read from, reused byte for
+    byte when nothing in it changes. Consecutive byte ranges of one input file are copied
+    as one in-kernel copy.
+    """
+    entries = _entries(records)
+    frozen = {r.name for r in records if r.frozen}
+    meta = frozen_metadata(metadata, frozen)
+    same = keep is not None and _same_layout(entries, keep)
+    if keep is not None and same and keep.metadata == meta:
+        header = len(keep.raw).to_bytes(8, "little") + keep.raw
+    else:
+        # Same layout: keep the header's own entry order (only the metadata changes).
+        header = encode_header(keep.tensors if keep is not None and same else entries, meta)
+    with atomic_write(out, mode_from=mode_from) as fh:
+        fd = fh.fileno()
+        write_all(fd, header)
+        run: list[int] = []  # [src fd, offset, length] of the pending copy
+
+        def flush() -> None:
+            if run:
+                copy_range(run[0], fd, run[1], run[2], progress)
+                run.clear()
+
+        for r in records:
+            if r.load is None and r.fd is not None:
+                if run and run[0] == r.fd and run[1] + run[2] == r.offset:
+                    run[2] += r.nbytes
+                    continue
+                flush()
+                run.extend((r.fd, r.offset, r.nbytes))
+                continue
+            flush()
+            write_all(fd, record_bytes(r))
+            if progress is not None:
+                progress(r.nbytes)
+        flush()
+    return out
+
+
+def rewrite_file(path: Path, header: Header, identity: FileIdentity | None, edit: Edit,
+                 frozen: set[str], out: Path | None, progress: Progress | None = None, *,
+                 display: str = "") -> Path:
+    """Apply ``edit`` to the safetensors file at ``path`` (read as ``header``), in place or
+    to ``out``: only the header changes for flags; untouched tensors are copied byte for
+    byte, in one in-kernel copy per run of them."""
+    target = out or path
+    base_meta = {k: v for k, v in header.metadata.items() if k != FROZEN_KEY}
+    with locked(path, expect=identity) as fd:
+        if fd is None:
+            raise source_gone(display or str(path))
+        records = edited(header_records(fd, header, header.frozen), edit, frozen)
+        return write_safetensors(target, records, base_meta, progress, keep=header,
+                                 mode_from=path)
+
+
+class SafetensorsLike(Protocol):
+    display: str
+    path: Path
+    identity: FileIdentity | None
+    header: Header
+
+    def new_frozen(self, edit: Edit) -> set[str]: ...
+
+
+def rewrite(source: SafetensorsLike, edit: Edit, out: Path | None,
+            progress: Progress | None = None) -> Path:
+    """Apply ``edit`` to a safetensors source, in place or to another ``.safetensors``."""
+    return rewrite_file(source.path, source.header, source.identity, edit,
+                        source.new_frozen(edit), out, progress, display=source.display)

@@ -1,0 +1,130 @@
+"""Write sharded safetensors folders (the Hugging Face layout): index + shards.
+
+Flags live in the index, so ``freeze``/``unfreeze`` rewrite one small JSON file. ``init``
+rewrites only the shards holding selected tensors, each atomically, then the index last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from paramctl.errors import UsageError
+from paramctl.formats import FROZEN_KEY, INDEX_SUFFIX
+from paramctl.formats.safetensors import Header
+from paramctl.io.files import FileIdentity, atomic_write, copy_range, locked
+from paramctl.model import Edit, TensorRecord
+from paramctl.writers.base import Progress
+from paramctl.writers.safetensors import rewrite_file, write_safetensors
+
+__all__ = ["new_folder", "rewrite", "write_sharded"]
+
+
+class ShardedLike(Protocol):
+    display: str
+    index_path: Path
+    folder: Path
+    index: dict[str, Any]
+    weight_map: dict[str, str]
+    headers: dict[str, Header]
+    sizes: dict[str, int]
+    identities: dict[str, FileIdentity | None]
+
+    def new_frozen(self, edit: Edit) -> set[str]: ...
+
+
+def index_doc(index: dict[str, Any], frozen: set[str],
+              weight_map: dict[str, str] | None = None) -> bytes:
+    doc = dict(index)
+    meta = dict(doc.get("metadata") or {})
+    meta.pop(FROZEN_KEY, None)
+    if frozen:
+        meta[FROZEN_KEY] = sorted(frozen)
+    doc["metadata"] = meta
+    if weight_map is not None:
+        doc["weight_map"] = weight_map
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def new_folder(out: Path) -> None:
+    """``-o FOLDER`` must be new or empty: never mix shards of two checkpoints."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"-o {out} exists and is not an empty folder; name a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _shard_edit(source: ShardedLike, edit: Edit, shard: str) -> Edit:
+    names = {e.name for e in source.headers[shard].tensors}
+    return Edit(init=frozenset(n for n in edit.init if n in names), init_fn=edit.init_fn)
+
+
+def rewrite(source: ShardedLike, edit: Edit, out: Path | None,
+            progress: Progress | None = None) -> Path:
+    """Apply ``edit`` in place, or write the result as a new folder ``out``."""
+    frozen = source.new_frozen(edit)
+    touched = {source.weight_map[n] for n in edit.init}
+    shards = list(dict.fromkeys(source.weight_map.values()))
+    if out is None:
+        with locked(source.index_path):
+            for shard in shards:
+                if shard in touched:
+                    path = source.folder / shard
+                    header = source.headers[shard]
+                    rewrite_file(path, header, source.identities[shard],
+                                 _shard_edit(source, edit, shard), header.frozen, None,
+                                 progress)
+            with atomic_write(source.index_path) as fh:
+                fh.write(index_doc(source.index, frozen))
+        return source.index_path
+    if out.resolve() == source.folder.resolve():
+        raise UsageError(f"-o {out} is the source folder; omit -o to rewrite in place")
+    new_folder(out)
+    for shard in shards:
+        src = source.folder / shard
+        (out / shard).parent.mkdir(parents=True, exist_ok=True)
+        if shard in touched:
+            header = source.headers[shard]
+            rewrite_file(src, header, source.identities[shard],
+                         _shard_edit(source, edit, shard), header.frozen, out / shard,
+                         progress)
+        else:
+            with open(src, "rb") as fin, atomic_write(out / shard, mode_from=src) as fh:
+                copy_range(fin.fileno(), fh.fileno(), 0, source.sizes[shard], progress)
+    with atomic_write(out / source.index_path.name, mode_from=source.index_path) as fh:
+        fh.write(index_doc(source.index, frozen))
+    return out
+
+
+def write_sharded(out_dir: Path, records: Sequence[TensorRecord], max_shard_size: int,
+                  metadata: dict[str, str], progress: Progress | None = None) -> Path:
+    """Split ``records`` into shards of at most ``max_shard_size`` bytes (a tensor larger
+    than that gets a shard of its own) and write them with an index, Hugging Face style."""
+    groups: list[list[TensorRecord]] = [[]]
+    size = 0
+    for r in records:
+        if groups[-1] and size + r.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(r)
+        size += r.nbytes
+    new_folder(out_dir)
+    n = len(groups)
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups, start=1):
+        shard = f"model-{i:05d}-of-{n:05d}.safetensors"
+        not_frozen = [dataclasses.replace(r, frozen=False) for r in group]
+        write_safetensors(out_dir / shard, not_frozen, dict(metadata), progress)
+        for r in group:
+            weight_map[r.name] = shard
+    frozen = sorted(r.name for r in records if r.frozen)
+    meta: dict[str, Any] = {"total_size": sum(r.nbytes for r in records)}
+    if frozen:
+        meta[FROZEN_KEY] = frozen
+    index = out_dir / f"model{INDEX_SUFFIX}"
+    with atomic_write(index) as fh:
+        fh.write((json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2)
+                  + "\n").encode())
+    return out_dir
