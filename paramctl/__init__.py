@@ -18,6 +18,7 @@ __all__ = [
     "Edit",
     "Inventory",
     "LoadResult",
+    "MemEstimate",
     "OpenOptions",
     "ParamInfo",
     "ParamctlError",
@@ -29,6 +30,7 @@ __all__ = [
     "init_params",
     "inspect",
     "load_state_dict",
+    "mem",
     "open_source",
     "save_module",
     "select",
@@ -44,6 +46,8 @@ _LAZY = {
     "ParamctlError": "paramctl.errors",
     "inspect": "paramctl.core",
     "change": "paramctl.core",
+    "mem": "paramctl.core",
+    "MemEstimate": "paramctl.memory",
     "select": "paramctl.select",
     "LoadResult": "paramctl.api",
     "apply_rules": "paramctl.api",
@@ -66,8 +70,9 @@ if TYPE_CHECKING:
         save_module,
         unfreeze,
     )
-    from paramctl.core import change, inspect
+    from paramctl.core import change, inspect, mem
     from paramctl.errors import ParamctlError
+    from paramctl.memory import MemEstimate
     from paramctl.model import Edit, Inventory, ParamInfo
     from paramctl.select import select
     from paramctl.sources import open_source

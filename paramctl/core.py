@@ -23,7 +23,9 @@ from paramctl.sources.statedict import strip_prefix
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Change", "ChangeResult", "View", "change", "inspect", "open_view"]
+    from paramctl.memory import MemEstimate
+
+__all__ = ["Change", "ChangeResult", "View", "change", "inspect", "mem", "open_view"]
 
 
 @dataclass
@@ -78,6 +80,29 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
               and (trainable is None or (p.requires_grad == trainable and not p.buffer
                                          and p.dtype in FLOAT_DTYPES))]
     return Inventory(view.source.display, view.source.format, params)
+
+
+def mem(spec: str, *, optimizer: str = "adamw", precision: str = "fp32", shards: int = 1,
+        zero: int = 0, key: str | None = None, strip_prefix: str | None = None,
+        options: OpenOptions | None = None) -> MemEstimate:
+    """Estimate the memory training ``spec`` needs with its current frozen set.
+
+    Reads what ``inspect`` reads (metadata only for files; ``meta`` for module paths),
+    buffers included; see :func:`paramctl.memory.estimate` for the arithmetic.
+
+    >>> paramctl.mem("ckpt.safetensors", precision="bf16-mixed").bytes.total  # doctest: +SKIP
+    """
+    from dataclasses import replace
+
+    from paramctl.memory import estimate, validate
+
+    validate(optimizer, precision, shards, zero)  # before a slow open, not after
+    opts = replace(options or OpenOptions(), buffers=True)
+    if key is not None:
+        opts = replace(opts, key=key)
+    inv = inspect(spec, options=opts, prefix=strip_prefix)
+    return estimate(inv.params, source=inv.source, optimizer=optimizer, precision=precision,
+                    shards=shards, zero=zero)
 
 
 def _expand_tied(names: list[str], view: View) -> list[tuple[str, str | None]]:

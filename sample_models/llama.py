@@ -43,26 +43,39 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    """Causal multi-head self-attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``."""
+    """Causal multi-head self-attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
 
-    def __init__(self, hidden: int, heads: int) -> None:
+    ``kv_heads`` < ``heads`` gives grouped-query attention (Llama-2-70B): ``k_proj`` and
+    ``v_proj`` then map to ``kv_heads * head_dim`` features.
+    """
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int | None = None) -> None:
         super().__init__()
-        if hidden % heads:
-            raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+        kv_heads = kv_heads or heads
+        if hidden % heads or heads % kv_heads:
+            raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads}), "
+                             f"and heads by kv_heads ({kv_heads})")
         self.heads = heads
+        self.kv_heads = kv_heads
+        kv_dim = hidden // heads * kv_heads
         self.q_proj = nn.Linear(hidden, hidden, bias=False)
-        self.k_proj = nn.Linear(hidden, hidden, bias=False)
-        self.v_proj = nn.Linear(hidden, hidden, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over ``(batch, seq, hidden)`` and return the same shape."""
         b, s, d = x.shape
 
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
+        def split(t: torch.Tensor, heads: int) -> torch.Tensor:
+            return t.view(b, s, heads, d // self.heads).transpose(1, 2)
 
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        q = split(self.q_proj(x), self.heads)
+        k = split(self.k_proj(x), self.kv_heads)
+        v = split(self.v_proj(x), self.kv_heads)
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, d))
 
@@ -85,9 +98,10 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm decoder layer: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``,
     ``mlp``."""
 
-    def __init__(self, hidden: int, intermediate: int, heads: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, heads: int,
+                 kv_heads: int | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(hidden, heads)
+        self.self_attn = LlamaAttention(hidden, heads, kv_heads)
         self.mlp = LlamaMLP(hidden, intermediate)
         self.input_layernorm = RMSNorm(hidden)
         self.post_attention_layernorm = RMSNorm(hidden)
@@ -101,11 +115,12 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """The decoder stack: ``embed_tokens``, ``layers.{i}``, ``norm``."""
 
-    def __init__(self, hidden: int, intermediate: int, layers: int, vocab: int, heads: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, layers: int, vocab: int, heads: int,
+                 kv_heads: int | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, hidden)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hidden, intermediate, heads) for _ in range(layers)
+            LlamaDecoderLayer(hidden, intermediate, heads, kv_heads) for _ in range(layers)
         )
         self.norm = RMSNorm(hidden)
 
@@ -126,7 +141,8 @@ class Llama(nn.Module):
     ``model.layers.{i}.input_layernorm.weight``,
     ``model.layers.{i}.post_attention_layernorm.weight``; then ``model.norm.weight`` and
     ``lm_head.weight`` (the same tensor as ``model.embed_tokens.weight`` when
-    ``tie_embeddings=True``). ``heads`` defaults to a head size of 128 where possible.
+    ``tie_embeddings=True``). ``heads`` defaults to a head size of 128 where possible;
+    ``kv_heads`` (default: ``heads``) below it gives grouped-query attention.
     """
 
     def __init__(
@@ -137,10 +153,12 @@ class Llama(nn.Module):
         vocab: int = 128,
         tie_embeddings: bool = False,
         heads: int | None = None,
+        kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         self.model = LlamaModel(
-            hidden, intermediate, layers, vocab, heads if heads else _default_heads(hidden)
+            hidden, intermediate, layers, vocab, heads if heads else _default_heads(hidden),
+            kv_heads,
         )
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
         if tie_embeddings:
@@ -154,6 +172,13 @@ class Llama(nn.Module):
 def llama_7b(**kw: Any) -> Llama:
     """Llama-7B shapes (32 layers, 291 parameters, ~6.7B numel); build it on ``meta``."""
     return Llama(hidden=4096, intermediate=11008, layers=32, vocab=32000, **kw)
+
+
+def llama_70b(**kw: Any) -> Llama:
+    """Llama-2-70B shapes (80 layers, 64 heads, 8 key/value heads, 723 parameters, ~69.0B
+    numel); build it on ``meta``."""
+    return Llama(hidden=8192, intermediate=28672, layers=80, vocab=32000, heads=64,
+                 kv_heads=8, **kw)
 
 
 def llama_2_5g(**kw: Any) -> Llama:

@@ -95,6 +95,7 @@ class Footer:
     frozen: int
     frozen_pct: str
     by_dtype: dict[str, str]
+    training: str  # AdamW fp32 estimate, human-readable
 
 
 def cells(line: str) -> list[str]:
@@ -117,12 +118,14 @@ def parse_table(text: str) -> tuple[list[Row], Footer]:
     m2 = re.fullmatch(r"trainable ([\d,]+) \((.+)\) · frozen ([\d,]+) \((.+)\)",
                       lines[first_footer + 1])
     m3 = re.fullmatch(r"by dtype: (.+)", lines[first_footer + 2])
-    assert m1 and m2 and m3, lines[first_footer:]
+    m4 = re.fullmatch(r"training AdamW fp32: (.+) \(with this frozen set\)",
+                      lines[first_footer + 3])
+    assert m1 and m2 and m3 and m4, lines[first_footer:]
     by_dtype = dict(part.split(" ", 1) for part in m3[1].split(", "))
     footer = Footer(int(m1[1]), int(m1[2].replace(",", "")), m1[3], int(m1[4] or 0),
                     int(m2[1].replace(",", "")), m2[2], int(m2[3].replace(",", "")), m2[4],
-                    by_dtype)
-    assert len(lines) == first_footer + 3
+                    by_dtype, m4[1])
+    assert len(lines) == first_footer + 4
     return rows, footer
 
 
@@ -178,6 +181,10 @@ def check_table_sums(text: str) -> list[Row]:
     assert footer.by_dtype == {d: human_bytes(b) for d, b in sorted(per_dtype.items())}
     assert footer.trainable_pct == f"{100 * footer.trainable / footer.params:.1f}%"
     assert footer.frozen_pct == f"{100 * footer.frozen / footer.params:.1f}%"
+    # AdamW fp32: 4 bytes a parameter, 16 when it trains; buffers and integers as stored
+    training = sum(r.params * (16 if r.trainable == "yes" else 4) if r.trainable in ("yes", "no")
+                   else r.params * DTYPE_SIZE[r.dtype] for r in once)
+    assert footer.training == human_bytes(training)
     return rows
 
 

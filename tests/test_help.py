@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import REPO, run_inproc
 
-COMMANDS = ["list", "freeze", "unfreeze", "init", "apply"]
+COMMANDS = ["list", "freeze", "unfreeze", "init", "apply", "mem"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

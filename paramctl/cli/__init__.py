@@ -20,6 +20,8 @@ from paramctl.cli.freeze_cmd import (
 from paramctl.cli.init_cmd import APPLY_EXAMPLES, INIT_EXAMPLES, apply_command, init_command
 from paramctl.cli.list_cmd import EXAMPLES as LIST_EXAMPLES
 from paramctl.cli.list_cmd import list_command
+from paramctl.cli.mem_cmd import EXAMPLES as MEM_EXAMPLES
+from paramctl.cli.mem_cmd import mem_command
 
 __all__ = ["app", "main"]
 
@@ -65,6 +67,7 @@ app.command("freeze", epilog=FREEZE_EXAMPLES)(freeze_command)
 app.command("unfreeze", epilog=UNFREEZE_EXAMPLES)(unfreeze_command)
 app.command("init", epilog=INIT_EXAMPLES)(init_command)
 app.command("apply", epilog=APPLY_EXAMPLES)(apply_command)
+app.command("mem", epilog=MEM_EXAMPLES)(mem_command)
 
 
 def main(argv: list[str] | None = None) -> None:

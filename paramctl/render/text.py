@@ -70,6 +70,10 @@ def footer_lines(params: Sequence[ParamInfo]) -> list[str]:
     if t.by_dtype:
         lines.append("by dtype: " + ", ".join(
             f"{d} {human_bytes(b)}" for d, b in sorted(t.by_dtype.items())))
+    from paramctl.memory import estimate
+
+    lines.append(f"training AdamW fp32: {human_bytes(estimate(params).bytes.total)} "
+                 "(with this frozen set)")
     return lines
 
 
