@@ -19,8 +19,9 @@ from paramctl.errors import OperationError, SourceError, UsageError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["InitRule", "Step", "init_functions", "load_rules_file", "parse_init_rule",
-           "parse_steps", "run_init"]
+__all__ = ["CAST_DTYPES", "InitRule", "Rename", "Step", "apply_renames", "init_functions",
+           "load_rules_file", "parse_cast", "parse_init_rule", "parse_rename", "parse_steps",
+           "run_init"]
 
 _RULE = re.compile(r"^(?P<pattern>.+)=\s*(?P<fn>[A-Za-z_]\w*)\s*(?:\((?P<args>.*)\))?\s*$",
                    re.DOTALL)
@@ -329,3 +330,83 @@ def load_rules_file(path: Path) -> tuple[list[Step], int | None]:
 
 def steps_from_rules(rules: Sequence[InitRule]) -> list[Step]:
     return [Step("init", rules=(r,), where=r.text) for r in rules]
+
+
+# -- convert: renames and casts -------------------------------------------------------------
+CAST_DTYPES = ("float32", "bfloat16", "float16")
+_CAST_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "bf16": "bfloat16",
+                 "fp16": "float16", "f16": "float16", "half": "float16"}
+
+
+def parse_cast(text: str) -> str:
+    """``bf16`` / ``bfloat16`` -> ``bfloat16``; anything else is a usage error."""
+    dtype = _CAST_ALIASES.get(text.strip().lower(), text.strip().lower())
+    if dtype not in CAST_DTYPES:
+        raise UsageError(f"--cast {text!r}: unknown dtype; choose one of "
+                         f"{', '.join(CAST_DTYPES)}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class Rename:
+    """``FROM=TO``: a plain ``FROM`` replaces a leading prefix; ``re:REGEX=TO`` is re.sub."""
+
+    text: str
+    source: str
+    target: str
+    regex: re.Pattern[str] | None = None
+
+    def __call__(self, name: str) -> str | None:
+        """The new name, or None when this rename does not apply to ``name``."""
+        if self.regex is not None:
+            new, count = self.regex.subn(self.target, name)
+            return new if count else None
+        if name.startswith(self.source):
+            return self.target + name[len(self.source):]
+        return None
+
+
+def parse_rename(text: str) -> Rename:
+    """Parse ``FROM=TO`` (split at the last ``=``: names rarely hold one, regexes might)."""
+    body = text[3:] if text.startswith("re:") else text
+    if "=" not in body:
+        raise UsageError(f"--rename {text!r}: expected FROM=TO, e.g. 'module.=' or "
+                         "'encoder.=backbone.' or 're:^(.*)\\.gamma$=\\1.weight'")
+    source, _, target = body.rpartition("=")
+    if not source:
+        raise UsageError(f"--rename {text!r}: FROM is empty")
+    if text.startswith("re:"):
+        try:
+            regex = re.compile(source)
+            regex.sub(target, "")  # checks the group references in TO
+        except (re.error, IndexError) as exc:
+            raise UsageError(f"--rename {text!r}: {exc}") from None
+        return Rename(text, source, target, regex)
+    return Rename(text, source, target)
+
+
+def apply_renames(names: Sequence[str], renames: Sequence[Rename]) -> dict[str, str]:
+    """``old -> new`` for every name, renames applied in order. A rename that applies to
+    no name is a :class:`NoMatchError`; two names becoming one an :class:`OperationError`
+    naming both."""
+    from paramctl.errors import NoMatchError
+
+    current = {n: n for n in names}
+    for rename in renames:
+        hits = 0
+        for old, name in current.items():
+            new = rename(name)
+            if new is not None:
+                hits += 1
+                current[old] = new
+        if not hits:
+            raise NoMatchError(f"--rename {rename.text!r} matched no name (use --dry-run to "
+                               "see the names, or `paramctl list SOURCE -f names`)")
+    seen: dict[str, str] = {}
+    for old, new in current.items():
+        if not new:
+            raise OperationError(f"--rename turns {old!r} into an empty name")
+        if new in seen:
+            raise OperationError(f"--rename maps both {seen[new]!r} and {old!r} to {new!r}")
+        seen[new] = old
+    return current

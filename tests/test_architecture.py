@@ -141,18 +141,21 @@ ALLOWED: dict[str, set[str]] = {
     "memory": {*_BOTTOM},
     "render": {*_BOTTOM, "memory", "numeric"},
     "weights": {"sources", *_BOTTOM},
+    "surgery": {"core", "sources", "writers", "numeric", "rules", "select", "patterns",
+                *_BOTTOM},
     "core": {"sources", "writers", "numeric", "rules", "select", "patterns", "io", "formats",
              "memory", "weights", *_BOTTOM},
     "api": {"core", "sources", "writers", "rules", "select", "patterns", "io", "weights",
             *_BOTTOM},
     "cli": {"core", "render", "sources", "rules", "select", "patterns", "errors", "model",
-            "memory", "io", ""},
+            "memory", "io", "surgery", ""},
     "errors": set(),
     "model": set(),
     "tensors": {"model", "errors"},
     "lightning": {"api", "sources", *_BOTTOM},
     "__main__": {"cli"},
-    "": {"errors", "model", "core", "api", "sources", "select", "patterns", "memory"},
+    "": {"errors", "model", "core", "api", "sources", "select", "patterns", "memory",
+         "surgery"},
 }
 
 

@@ -11,6 +11,8 @@ import typer
 
 from paramctl import __version__
 from paramctl.cli.common import one_line
+from paramctl.cli.convert_cmd import EXAMPLES as CONVERT_EXAMPLES
+from paramctl.cli.convert_cmd import convert_command
 from paramctl.cli.freeze_cmd import (
     FREEZE_EXAMPLES,
     UNFREEZE_EXAMPLES,
@@ -68,6 +70,7 @@ app.command("unfreeze", epilog=UNFREEZE_EXAMPLES)(unfreeze_command)
 app.command("init", epilog=INIT_EXAMPLES)(init_command)
 app.command("apply", epilog=APPLY_EXAMPLES)(apply_command)
 app.command("mem", epilog=MEM_EXAMPLES)(mem_command)
+app.command("convert", epilog=CONVERT_EXAMPLES)(convert_command)
 
 
 def main(argv: list[str] | None = None) -> None:

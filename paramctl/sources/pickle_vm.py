@@ -166,6 +166,9 @@ class ParsedPickle:
     tensors: list[TensorRef]
     frames: list[Span]  # FRAME opcodes, which a splice must drop (they carry lengths)
     protocol: int
+    # id(dict) -> {key: (span of the key's expression, span of the value's)}, for dicts
+    # filled by SETITEM(S): what a writer splices to rename or drop an entry.
+    entries: dict[int, dict[Any, tuple[Span, Span]]] = field(default_factory=dict)
     _keep: list[Any] = field(default_factory=list, repr=False)
 
 
@@ -208,6 +211,7 @@ class _Machine:
         self.work = len(data) + _WORK_ALLOWANCE
         self.keep: list[Any] = []
         self.protocol = 0
+        self.entries: dict[int, dict[Any, tuple[Span, Span]]] = {}
 
     # -- stack helpers -------------------------------------------------------------
     def push(self, value: Any, start: int) -> None:
@@ -407,20 +411,28 @@ class _Machine:
         target.extend(items)
 
     def op_SETITEM(self, arg: Any, pos: int, end: int) -> None:
-        value, _ = self.pop()
-        key, _ = self.pop()
+        value, value_start = self.pop()
+        key, key_start = self.pop()
         target = self.top()
         if not isinstance(target, dict):
             raise CorruptFileError(f"pickle SETITEM on a {type(target).__name__}")
         target[self._key(key)] = value
+        self._entry(target, key, (key_start, value_start), (value_start, pos))
 
     def op_SETITEMS(self, arg: Any, pos: int, end: int) -> None:
-        items, _, _ = self.pop_mark()
+        items, starts, _ = self.pop_mark()
         target = self.top()
         if not isinstance(target, dict) or len(items) % 2:
             raise CorruptFileError("pickle SETITEMS is malformed")
-        for k, v in zip(items[::2], items[1::2], strict=True):
+        spans = self._spans(starts, pos)
+        for i, (k, v) in enumerate(zip(items[::2], items[1::2], strict=True)):
             target[self._key(k)] = v
+            self._entry(target, k, spans[2 * i], spans[2 * i + 1])
+
+    def _entry(self, target: dict[Any, Any], key: Any, key_span: Span, value_span: Span
+               ) -> None:
+        if isinstance(key, str):
+            self.entries.setdefault(id(target), {})[key] = (key_span, value_span)
 
     def op_ADDITEMS(self, arg: Any, pos: int, end: int) -> None:
         items, _, _ = self.pop_mark()
@@ -666,4 +678,5 @@ def parse_pickle(data: bytes, machine_class: type[_Machine] | None = None) -> Pa
             OverflowError, MemoryError) as exc:
         detail = " ".join(str(exc).split())[:200]
         raise CorruptFileError(f"malformed pickle: {detail}") from None
-    return ParsedPickle(root, machine.tensors, machine.frames, machine.protocol, machine.keep)
+    return ParsedPickle(root, machine.tensors, machine.frames, machine.protocol,
+                        entries=machine.entries, _keep=machine.keep)

@@ -123,6 +123,10 @@ class PtSource:
         self.tensors: dict[str, TensorRef] = {
             str(k): v for k, v in state.items() if isinstance(v, TensorRef)
         }
+        # Where each entry of the state dict is in the pickle (renames and drops splice it).
+        self.entry_spans = self.parsed.entries.get(id(state), {})
+        # Only tensors, directly under the root: a fresh state dict loses nothing.
+        self.plain = not self.key_path and len(self.tensors) == len(state)
         self._check_storages()
 
     # -- reading -----------------------------------------------------------------------

@@ -9,17 +9,19 @@ Adding a writable format: one module here and one entry in :func:`write`'s dispa
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from paramctl.errors import OperationError, UsageError
 from paramctl.formats import FROZEN_KEY, PT_EXTENSIONS
-from paramctl.io.files import FdPool
-from paramctl.model import FLOAT_DTYPES, Edit
-from paramctl.writers.base import Progress, edited
+from paramctl.io.files import FdPool, locked
+from paramctl.model import FLOAT_DTYPES, Edit, TensorRecord
+from paramctl.writers.base import Progress, edited, source_gone
 
-__all__ = ["output_kind", "write"]
+__all__ = ["output_kind", "write", "write_converted"]
 
 
 def output_kind(out: Path) -> str:
@@ -115,3 +117,69 @@ def convert(source: Any, edit: Edit, out: Path, kind: str, progress: Progress | 
 
         assert edit.max_shard_size is not None
         return write_sharded(out, records, edit.max_shard_size, meta, progress)
+
+
+def write_converted(source: Any,
+                    make: Callable[[list[TensorRecord]], list[TensorRecord]],
+                    out: Path | None, *, renames: Mapping[str, str], drops: set[str],
+                    casts: set[str], max_shard_size: int | None = None,
+                    progress: Progress | None = None) -> Path:
+    """Write ``source`` after ``convert``'s transforms, in place or to ``out``.
+
+    A torch file written as a torch file keeps everything beside the tensors: renames and
+    drops are spliced into its pickle (casts need a plain state dict, which is written
+    afresh). Every other case streams ``make(source.records(pool))`` into the writer of
+    the output's kind.
+    """
+    if getattr(source, "remote", False):
+        raise UsageError("remote sources are read-only; download first")
+    fmt = source.format
+    if fmt == "gguf":
+        raise UsageError(f"{source.display}: GGUF files are read-only in paramctl")
+    kind = output_kind(out) if out is not None else _NATIVE[fmt]
+    if kind == "folder" and max_shard_size is None:
+        if out is None:
+            raise UsageError(f"{source.display} is a folder: converting it in place is not "
+                             "supported; write a new one with -o NEW_FOLDER "
+                             "--max-shard-size SIZE, or one file with -o OUT.safetensors")
+        raise UsageError(f"-o {out} is a folder: pass --max-shard-size (e.g. 5GB) to write "
+                         "sharded safetensors")
+    if fmt == "pt" and kind == "pt" and not source.unsafe and not (casts and source.plain):
+        if casts:
+            raise UsageError(
+                f"{source.display} holds more than a state dict; casting it would have to "
+                "rewrite what is beside the tensors. Cast the weights alone with --key "
+                f"{'.'.join(source.key_path) or 'KEY'} -o OUT.safetensors")
+        from paramctl.writers import pt
+
+        return pt.rewrite(source, Edit(), out, progress, renames=renames, drops=drops)
+    if fmt == "pt" and kind != "pt" and source.key_path and source.options.key is None:
+        path = ".".join(source.key_path)
+        raise UsageError(
+            f"{source.display} holds more than a state dict (under {path!r}); the other "
+            f"format stores only tensors, so the rest would be lost. Pass --key {path} to "
+            "convert just the weights")
+    in_place = out is None
+    target = out if out is not None else source.path
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(FdPool())
+        if in_place:
+            fd = stack.enter_context(locked(source.path, expect=source.identity))
+            if fd is None:
+                raise source_gone(source.display)
+            pool.adopt(source.path, fd)
+        records = make(source.records(pool))
+        meta = {**_metadata(source), "format": "pt"}
+        if kind == "safetensors":
+            from paramctl.writers.safetensors import write_safetensors
+
+            return write_safetensors(target, records, meta, progress,
+                                     mode_from=source.path if in_place else None)
+        if kind == "pt":
+            from paramctl.writers.pt import write_pt
+
+            return write_pt(target, records, progress)
+        from paramctl.writers.sharded import write_sharded
+
+        assert max_shard_size is not None
+        return write_sharded(target, records, max_shard_size, meta, progress)

@@ -185,16 +185,78 @@ class PtLike(Protocol):
     pickle_bytes: bytes
     tensors: Mapping[str, Any]
     parsed: Any
+    entry_spans: Mapping[str, tuple[tuple[int, int], tuple[int, int]]]
 
     def _storage_record(self, ref: Any) -> Record: ...
 
 
-def splice_pickle(source: PtLike, flags: Mapping[str, bool]) -> bytes:
-    """The pickle with ``requires_grad`` set per ``flags``; every other byte kept."""
+def _string_op(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _string_op_length(data: bytes, pos: int) -> int:
+    """Length of the string opcode at ``pos`` (the key of a dict entry)."""
+    op = data[pos:pos + 1]
+    if op == b"X":
+        return 5 + int(struct.unpack_from("<I", data, pos + 1)[0])
+    if op == b"\x8c":
+        return 2 + data[pos + 1]
+    if op == b"\x8d":
+        return 9 + int(struct.unpack_from("<Q", data, pos + 1)[0])
+    if op == b"V":
+        return data.index(b"\n", pos) + 1 - pos
+    raise OperationError(f"unexpected opcode {op!r} for a state-dict key")
+
+
+def _memo_defs_and_uses(data: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``[(position, memo index)]`` of every definition (PUT, MEMOIZE) and use (GET)."""
+    import io
+    import pickletools
+
+    defs: list[tuple[int, int]] = []
+    uses: list[tuple[int, int]] = []
+    for op, arg, pos in pickletools.genops(io.BytesIO(data)):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            defs.append((pos or 0, int(str(arg))))
+        elif op.name == "MEMOIZE":
+            defs.append((pos or 0, len(defs)))
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            uses.append((pos or 0, int(str(arg))))
+    return defs, uses
+
+
+def splice_pickle(source: PtLike, flags: Mapping[str, bool],
+                  renames: Mapping[str, str] | None = None,
+                  drops: set[str] | frozenset[str] = frozenset()) -> bytes:
+    """The pickle with ``requires_grad`` set per ``flags``, state-dict keys renamed and
+    entries dropped; every other byte kept."""
     splices: dict[int, tuple[int, bytes]] = {}  # start -> (end, replacement)
     inserts: dict[int, list[bytes]] = {}
     done: set[int] = set()
+    data = source.pickle_bytes
+    spans = source.entry_spans
+    renames = {k: v for k, v in (renames or {}).items() if k != v and k not in drops}
+    if drops:
+        defs, uses = _memo_defs_and_uses(data)
+        for name in sorted(drops):
+            (start, _), (_, end) = spans[name]
+            inside = {idx for pos, idx in defs if start <= pos < end}
+            if any(idx in inside and not start <= pos < end for pos, idx in uses):
+                tied = [n for n, ref in source.tensors.items() if n not in drops
+                        and ref is not source.tensors[name]
+                        and getattr(ref, "storage", None) is getattr(
+                            source.tensors[name], "storage", object())]
+                partner = f" (shares its tensor with {', '.join(tied[:3])})" if tied else ""
+                raise OperationError(f"cannot drop {name!r}: the file refers to it again "
+                                     f"elsewhere{partner}; drop those names too, or keep it")
+            splices[start] = (end, b"")
+    for old, new in renames.items():
+        (start, _), _ = spans[old]
+        splices[start] = (start + _string_op_length(data, start), _string_op(new))
     for name, want in flags.items():
+        if name in drops:
+            continue
         ref: TensorRefLike = source.tensors[name]
         if id(ref) in done:
             continue
@@ -214,8 +276,7 @@ def splice_pickle(source: PtLike, flags: Mapping[str, bool]) -> bytes:
     if not splices and not inserts:
         return source.pickle_bytes
     for start, end in source.parsed.frames:
-        splices[start] = (end, b"")
-    data = source.pickle_bytes
+        splices.setdefault(start, (end, b""))
     pieces: list[bytes] = []
     cursor = 0
     for pos in sorted(set(splices) | set(inserts)):
@@ -265,14 +326,24 @@ def _alignment(source: PtLike, fd: int) -> int:
     return value if 0 < value <= 1 << 16 and value & (value - 1) == 0 else 64
 
 
-def rewrite(source: PtLike, edit: Edit, out: Path | None, progress: Progress | None = None
-            ) -> Path:
-    """Apply ``edit`` to a torch zip checkpoint, in place or to another torch file."""
+def rewrite(source: PtLike, edit: Edit, out: Path | None, progress: Progress | None = None,
+            *, renames: Mapping[str, str] | None = None,
+            drops: set[str] | frozenset[str] = frozenset()) -> Path:
+    """Apply ``edit`` (and ``convert``'s renames and drops of state-dict entries) to a torch
+    zip checkpoint, in place or to another torch file. A storage record no remaining
+    tensor refers to is left out."""
     target = out or source.path
     with locked(source.path, expect=source.identity) as fd:
         if fd is None:
             raise source_gone(source.display)
-        new_pickle = splice_pickle(source, edit.requires_grad)
+        new_pickle = splice_pickle(source, edit.requires_grad, renames, drops)
+        zip_records = source.zip_records
+        if drops:
+            dropped = {id(source.tensors[n]) for n in drops}
+            keep = {f"{source.prefix}data/{ref.storage.key}" for ref in source.parsed.tensors
+                    if id(ref) not in dropped and id(getattr(ref, "data", None)) not in dropped}
+            gone = {f"{source.prefix}data/{source.tensors[n].storage.key}" for n in drops}
+            zip_records = [r for r in zip_records if r.name not in gone - keep]
         replacements: dict[str, NewRecord | Callable[[], NewRecord]] = {}
         if new_pickle is not source.pickle_bytes:
             replacements[source.pickle_record.name] = NewRecord(new_pickle)
@@ -288,7 +359,7 @@ def rewrite(source: PtLike, edit: Edit, out: Path | None, progress: Progress | N
                     source, fd, source.by_name[rec_name], sorted(names), edit.init_fn)
         align = _alignment(source, fd)
         with atomic_write(target, mode_from=source.path) as dst:
-            write_zip(fd, dst.fileno(), source.zip_records, replacements, align=align,
+            write_zip(fd, dst.fileno(), zip_records, replacements, align=align,
                       progress=progress)
     return target
 
