@@ -8,17 +8,15 @@ output. Writing is :func:`paramctl.writers.write`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paramctl.errors import OperationError, UsageError
-from paramctl.model import FLOAT_DTYPES, Change, ChangeResult, Edit, Inventory, ParamInfo
-from paramctl.rules import InitRule, Step, check_applies, run_init
+from paramctl.model import FLOAT_DTYPES, Change, ChangeResult, Edit, Inventory
+from paramctl.rules import CONVERT_KINDS, InitRule, Step, check_applies, run_init
 from paramctl.select import select
-from paramctl.sources import open_source
-from paramctl.sources.base import OpenOptions, Source
-from paramctl.sources.statedict import strip_prefix
+from paramctl.sources.base import OpenOptions
+from paramctl.view import View, open_view
 
 if TYPE_CHECKING:
     import torch
@@ -26,43 +24,6 @@ if TYPE_CHECKING:
     from paramctl.memory import MemEstimate
 
 __all__ = ["Change", "ChangeResult", "View", "change", "inspect", "mem", "open_view"]
-
-
-@dataclass
-class View:
-    """A source seen through ``--strip-prefix``: shown names map to stored names."""
-
-    source: Source
-    params: list[ParamInfo]
-    stored: dict[str, str]  # shown -> stored
-
-    @property
-    def names(self) -> list[str]:
-        return [p.name for p in self.params]
-
-    def groups(self) -> dict[str, tuple[str, ...]]:
-        return {p.name: p.tied for p in self.params if p.tied}
-
-
-def open_view(spec: str, options: OpenOptions | None = None, *,
-              prefix: str | None = None) -> View:
-    source = open_source(spec, options)
-    if options is not None and options.weights is not None and source.format == "module":
-        from paramctl.weights import weights_loader
-
-        source.load_weights = weights_loader(options)  # type: ignore[attr-defined]
-    params = source.params()
-    if not prefix:
-        return View(source, params, {p.name: p.name for p in params})
-    mapping = strip_prefix([p.name for p in params], prefix)
-    back = {v: k for k, v in mapping.items()}
-
-    def rename(p: ParamInfo) -> ParamInfo:
-        from dataclasses import replace
-
-        return replace(p, name=back[p.name], tied=tuple(back[t] for t in p.tied))
-
-    return View(source, [rename(p) for p in params], mapping)
 
 
 def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] = (),
@@ -191,9 +152,18 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
     if not steps:
         raise UsageError("nothing to do: give at least one pattern or rule")
     view = open_view(spec, options, prefix=prefix)
-    changes, unchanged, skipped, inits = plan(view, steps, allow_empty=allow_empty)
+    surgery_steps = [s for s in steps if s.kind in CONVERT_KINDS]
+    changes, unchanged, skipped, inits = plan(
+        view, [s for s in steps if s.kind not in CONVERT_KINDS], allow_empty=allow_empty)
     result = ChangeResult(view.source.display, view.source.format, changes, unchanged, skipped)
-    if dry_run or (not changes and out is None):
+    rows = None
+    if surgery_steps:
+        from paramctl.surgery import ConvertPlan, describe_rows, plan_convert
+
+        cplan = ConvertPlan.from_steps(surgery_steps)
+        rows = plan_convert(view.params, cplan, allow_empty=allow_empty)
+        result.notes.extend(describe_rows(rows))
+    if dry_run or (not changes and out is None and rows is None):
         return result
     stored = view.stored
     flag_edits = {stored[c.name]: c.after for c in changes if c.before != c.after}
@@ -207,9 +177,15 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
     notes = getattr(view.source, "conversion_warnings", None)
     if out is not None and notes is not None:
         result.warnings.extend(notes(out))
-    from paramctl.writers import write
-
     total = view.source.total_bytes()
     step = (lambda n: progress(n, total)) if progress is not None else None
+    if rows is not None:
+        from paramctl.surgery import write_plan
+
+        result.written = write_plan(view, rows, cplan, out, edit=edit,
+                                    max_shard_size=max_shard_size, progress=step)
+        return result
+    from paramctl.writers import write
+
     result.written = write(view.source, edit, out, step)
     return result

@@ -228,3 +228,4 @@ class ChangeResult:
     skipped: list[str] = field(default_factory=list)  # selected, never trainable
     written: Path | None = None
     warnings: list[str] = field(default_factory=list)  # e.g. what a conversion drops
+    notes: list[str] = field(default_factory=list)  # e.g. what apply's convert steps do

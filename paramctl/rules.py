@@ -19,9 +19,9 @@ from paramctl.errors import OperationError, SourceError, UsageError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CAST_DTYPES", "InitRule", "Rename", "Step", "apply_renames", "init_functions",
-           "load_rules_file", "parse_cast", "parse_init_rule", "parse_rename", "parse_steps",
-           "run_init"]
+__all__ = ["CAST_DTYPES", "CONVERT_KINDS", "InitRule", "Rename", "Step", "apply_renames",
+           "init_functions", "load_rules_file", "parse_cast", "parse_init_rule", "parse_rename",
+           "parse_steps", "run_init"]
 
 _RULE = re.compile(r"^(?P<pattern>.+)=\s*(?P<fn>[A-Za-z_]\w*)\s*(?:\((?P<args>.*)\))?\s*$",
                    re.DOTALL)
@@ -249,7 +249,9 @@ def run_init(rule: InitRule, name: str, tensor: torch.Tensor, seed: int | None) 
 # -- rule files --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Step:
-    """One ordered step: ``kind`` is freeze, unfreeze or init."""
+    """One ordered step: ``kind`` is freeze, unfreeze, init, or one of convert's keep,
+    drop, rename (``renames``) and cast (``dtype``, limited by ``patterns`` and
+    ``excludes``)."""
 
     kind: str
     patterns: tuple[str, ...] = ()
@@ -257,9 +259,12 @@ class Step:
     exact: tuple[str, ...] = ()
     rules: tuple[InitRule, ...] = field(default=())
     where: str = ""
+    renames: tuple[Rename, ...] = ()
+    dtype: str | None = None
 
 
-_STEP_KEYS = ("freeze", "unfreeze", "init")
+_STEP_KEYS = ("freeze", "unfreeze", "init", "keep", "drop", "rename", "cast")
+CONVERT_KINDS = frozenset({"keep", "drop", "rename", "cast"})
 
 
 def _strings(value: Any, where: str, key: str) -> tuple[str, ...]:
@@ -288,14 +293,27 @@ def parse_steps(doc: Mapping[str, Any], origin: str = "rules") -> tuple[list[Ste
         if not isinstance(entry, dict):
             raise UsageError(f"{where}: must be a table")
         kinds = [k for k in _STEP_KEYS if k in entry]
-        extra = set(entry) - {*_STEP_KEYS, "exclude"}
+        extra = set(entry) - {*_STEP_KEYS, "exclude", "only"}
         if extra:
             raise UsageError(f"{where}: unknown key {sorted(extra)[0]!r} (expected one of "
-                             "freeze, unfreeze, init, and optionally exclude)")
+                             f"{', '.join(_STEP_KEYS)}, and optionally exclude)")
         if len(kinds) != 1:
-            raise UsageError(f"{where}: needs exactly one of freeze, unfreeze or init")
+            raise UsageError(f"{where}: needs exactly one of {', '.join(_STEP_KEYS)}")
         kind = kinds[0]
+        if "only" in entry and kind != "cast":
+            raise UsageError(f"{where}: 'only' applies to cast")
         excludes = _strings(entry["exclude"], where, "exclude") if "exclude" in entry else ()
+        if kind == "cast":
+            value = entry["cast"]
+            if not isinstance(value, str):
+                raise UsageError(f"{where}: 'cast' must be a dtype name such as \"bfloat16\"")
+            try:
+                dtype = parse_cast(value)
+            except UsageError as exc:
+                raise UsageError(f"{where}: {exc}") from None
+            only = _strings(entry["only"], where, "only") if "only" in entry else ()
+            steps.append(Step(kind, patterns=only, excludes=excludes, where=where, dtype=dtype))
+            continue
         values = _strings(entry[kind], where, kind)
         if kind == "init":
             try:
@@ -303,7 +321,17 @@ def parse_steps(doc: Mapping[str, Any], origin: str = "rules") -> tuple[list[Ste
             except UsageError as exc:
                 raise UsageError(f"{where} (init): {exc}") from None
             steps.append(Step(kind, excludes=excludes, rules=parsed, where=where))
+        elif kind == "rename":
+            if excludes:
+                raise UsageError(f"{where}: 'exclude' does not apply to rename")
+            try:
+                renames = tuple(parse_rename(v) for v in values)
+            except UsageError as exc:
+                raise UsageError(f"{where}: {exc}") from None
+            steps.append(Step(kind, where=where, renames=renames))
         else:
+            if excludes and kind in ("keep", "drop"):
+                raise UsageError(f"{where}: 'exclude' does not apply to {kind}; use '!PATTERN'")
             steps.append(Step(kind, patterns=values, excludes=excludes, where=where))
     return steps, seed
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from paramctl.errors import OperationError, UsageError
-from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo, TensorRecord
-from paramctl.rules import Rename, apply_renames, parse_cast, parse_rename
+from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, Edit, ParamInfo, TensorRecord
+from paramctl.rules import Rename, Step, apply_renames, parse_cast, parse_rename
 from paramctl.select import select
 from paramctl.sources.base import OpenOptions
+from paramctl.view import View, open_view
 
 __all__ = ["ConvertPlan", "ConvertResult", "ConvertRow", "convert", "plan_convert"]
 
@@ -53,6 +54,27 @@ class ConvertPlan:
     @property
     def empty(self) -> bool:
         return not (self.keep or self.drop or self.renames or self.cast)
+
+    @classmethod
+    def from_steps(cls, steps: Sequence[Step]) -> ConvertPlan:
+        """The plan of ``apply``'s keep/drop/rename/cast steps: keep and drop patterns
+        combine, renames apply in order, the last cast wins."""
+        keep: list[str] = []
+        drop: list[str] = []
+        renames: list[Rename] = []
+        cast = None
+        only: tuple[str, ...] = ()
+        no_cast: tuple[str, ...] = ()
+        for step in steps:
+            if step.kind == "keep":
+                keep += step.patterns
+            elif step.kind == "drop":
+                drop += step.patterns
+            elif step.kind == "rename":
+                renames += step.renames
+            elif step.kind == "cast":
+                cast, only, no_cast = step.dtype, step.patterns, step.excludes
+        return cls(tuple(keep), tuple(drop), tuple(renames), cast, only, no_cast)
 
 
 @dataclass(frozen=True)
@@ -176,6 +198,31 @@ def transform(records: Sequence[TensorRecord], rows: Sequence[ConvertRow],
     return out
 
 
+def describe_rows(rows: Sequence[ConvertRow]) -> list[str]:
+    """One line per kind of change, for ``apply``'s output."""
+    dropped = sum(r.new_name is None for r in rows)
+    renamed = sum(r.new_name not in (None, r.name) for r in rows)
+    cast = sum(r.new_name is not None and r.new_dtype != r.dtype for r in rows)
+    parts = [f"{n} {what}" for n, what in ((dropped, "dropped"), (renamed, "renamed"),
+                                           (cast, "cast")) if n]
+    return [f"convert: {', '.join(parts)}"] if parts else []
+
+
+def write_plan(view: View, rows: Sequence[ConvertRow], plan: ConvertPlan, out: Path | None,
+               *, edit: Edit | None = None, max_shard_size: int | None = None,
+               progress: Callable[[int], None] | None = None) -> Path:
+    """Write ``view``'s source with ``rows`` applied (and ``edit``'s flags and inits)."""
+    from paramctl.writers import write_converted
+
+    stored_new = {view.stored[r.name]: r.new_name for r in rows}
+    casts = {view.stored[r.name] for r in rows if r.new_name and r.new_dtype != r.dtype}
+    return write_converted(
+        view.source, lambda recs: transform(recs, rows, view.stored, plan.allow_overflow),
+        out, renames={k: v for k, v in stored_new.items() if v is not None},
+        drops={k for k, v in stored_new.items() if v is None}, casts=casts,
+        edit=edit or Edit(), max_shard_size=max_shard_size, progress=progress)
+
+
 def convert(spec: str, plan: ConvertPlan, *, out: Path | None = None,
             options: OpenOptions | None = None, prefix: str | None = None,
             max_shard_size: int | None = None, dry_run: bool = False,
@@ -186,8 +233,6 @@ def convert(spec: str, plan: ConvertPlan, *, out: Path | None = None,
     >>> convert("ckpt.pt", ConvertPlan.parse(rename=["module.="]), out=Path("out.pt"))
     ... # doctest: +SKIP
     """
-    from paramctl.core import open_view
-
     if plan.empty and out is None and max_shard_size is None:
         raise UsageError("nothing to do: give --keep, --drop, --rename, --cast or -o OUT")
     view = open_view(spec, options, prefix=prefix)
@@ -204,15 +249,8 @@ def convert(spec: str, plan: ConvertPlan, *, out: Path | None = None,
                                "do not change it")
     if dry_run:
         return result
-    from paramctl.writers import write_converted
-
     total = sum(r.new_nbytes for r in rows if r.new_name is not None)
     step = (lambda n: progress(n, total)) if progress is not None else None
-    stored_new = {view.stored[r.name]: r.new_name for r in rows}
-    casts = {view.stored[r.name] for r in rows if r.new_name and r.new_dtype != r.dtype}
-    result.written = write_converted(
-        view.source, lambda recs: transform(recs, rows, view.stored, plan.allow_overflow),
-        out, renames={k: v for k, v in stored_new.items() if v is not None},
-        drops={k for k, v in stored_new.items() if v is None}, casts=casts,
-        max_shard_size=max_shard_size, progress=step)
+    result.written = write_plan(view, rows, plan, out, max_shard_size=max_shard_size,
+                                progress=step)
     return result

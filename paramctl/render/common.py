@@ -113,6 +113,7 @@ def summary_line(result: ChangeResult, *, dry_run: bool) -> str:
         parts.append(f"{len(result.unchanged)} already in that state")
     if result.skipped:
         parts.append(f"{len(result.skipped)} skipped (not floating-point, never trainable)")
+    parts.extend(result.notes)
     text = "; ".join(parts)
     if dry_run:
         return text + "; nothing written (dry run)"

@@ -122,8 +122,9 @@ def convert(source: Any, edit: Edit, out: Path, kind: str, progress: Progress | 
 def write_converted(source: Any,
                     make: Callable[[list[TensorRecord]], list[TensorRecord]],
                     out: Path | None, *, renames: Mapping[str, str], drops: set[str],
-                    casts: set[str], max_shard_size: int | None = None,
-                    progress: Progress | None = None) -> Path:
+                    casts: set[str], edit: Edit | None = None,
+                    max_shard_size: int | None = None, progress: Progress | None = None
+                    ) -> Path:
     """Write ``source`` after ``convert``'s transforms, in place or to ``out``.
 
     A torch file written as a torch file keeps everything beside the tensors: renames and
@@ -136,6 +137,7 @@ def write_converted(source: Any,
     fmt = source.format
     if fmt == "gguf":
         raise UsageError(f"{source.display}: GGUF files are read-only in paramctl")
+    edit = edit or Edit()
     kind = output_kind(out) if out is not None else _NATIVE[fmt]
     if kind == "folder" and max_shard_size is None:
         if out is None:
@@ -152,7 +154,7 @@ def write_converted(source: Any,
                 f"{'.'.join(source.key_path) or 'KEY'} -o OUT.safetensors")
         from paramctl.writers import pt
 
-        return pt.rewrite(source, Edit(), out, progress, renames=renames, drops=drops)
+        return pt.rewrite(source, edit, out, progress, renames=renames, drops=drops)
     if fmt == "pt" and kind != "pt" and source.key_path and source.options.key is None:
         path = ".".join(source.key_path)
         raise UsageError(
@@ -168,7 +170,10 @@ def write_converted(source: Any,
             if fd is None:
                 raise source_gone(source.display)
             pool.adopt(source.path, fd)
-        records = make(source.records(pool))
+        records = source.records(pool)
+        frozen = edit.frozen_after((r.name for r in records if r.frozen),
+                                   (r.name for r in records if r.dtype in FLOAT_DTYPES))
+        records = make(edited(records, edit, frozen))
         meta = {**_metadata(source), "format": "pt"}
         if kind == "safetensors":
             from paramctl.writers.safetensors import write_safetensors
