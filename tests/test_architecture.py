@@ -142,6 +142,7 @@ ALLOWED: dict[str, set[str]] = {
     "render": {*_BOTTOM, "memory", "numeric"},
     "weights": {"sources", *_BOTTOM},
     "view": {"sources", *_BOTTOM},
+    "values": {"view", "sources", "numeric", "select", "patterns", "io", *_BOTTOM},
     "surgery": {"view", "sources", "writers", "numeric", "rules", "select", "patterns",
                 *_BOTTOM},
     "core": {"sources", "writers", "numeric", "rules", "select", "patterns", "io", "formats",
@@ -149,14 +150,14 @@ ALLOWED: dict[str, set[str]] = {
     "api": {"core", "sources", "writers", "rules", "select", "patterns", "io", "weights",
             *_BOTTOM},
     "cli": {"core", "render", "sources", "rules", "select", "patterns", "errors", "model",
-            "memory", "io", "surgery", ""},
+            "memory", "io", "surgery", "values", ""},
     "errors": set(),
     "model": set(),
     "tensors": {"model", "errors"},
     "lightning": {"api", "sources", *_BOTTOM},
     "__main__": {"cli"},
     "": {"errors", "model", "core", "api", "sources", "select", "patterns", "memory",
-         "surgery"},
+         "surgery", "values"},
 }
 
 

@@ -24,6 +24,7 @@ from paramctl.cli.list_cmd import EXAMPLES as LIST_EXAMPLES
 from paramctl.cli.list_cmd import list_command
 from paramctl.cli.mem_cmd import EXAMPLES as MEM_EXAMPLES
 from paramctl.cli.mem_cmd import mem_command
+from paramctl.cli.values_cmd import DIFF_EXAMPLES, STATS_EXAMPLES, diff_command, stats_command
 
 __all__ = ["app", "main"]
 
@@ -36,7 +37,8 @@ Examples:
   paramctl freeze ckpt.pt 'backbone.*' --exclude 'backbone.layer4'
   paramctl init ckpt.pt 'head.*.weight=normal(std=0.02)' '*.bias=zeros' --seed 0
 
-Exit codes: 0 ok, 1 input or operation failed, 2 usage error, 3 a pattern matched nothing.
+Exit codes: 0 ok, 1 input or operation failed, 2 usage error, 3 a pattern matched nothing,
+4 a check found something (stats --check, diff --exit-code).
 """
 
 app = typer.Typer(
@@ -71,6 +73,8 @@ app.command("init", epilog=INIT_EXAMPLES)(init_command)
 app.command("apply", epilog=APPLY_EXAMPLES)(apply_command)
 app.command("mem", epilog=MEM_EXAMPLES)(mem_command)
 app.command("convert", epilog=CONVERT_EXAMPLES)(convert_command)
+app.command("stats", epilog=STATS_EXAMPLES)(stats_command)
+app.command("diff", epilog=DIFF_EXAMPLES)(diff_command)
 
 
 def main(argv: list[str] | None = None) -> None:
