@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -47,6 +48,11 @@ JobsOpt = Annotated[int | None, typer.Option(
     "for large inputs).")]
 
 
+def _printing_rank() -> bool:
+    """Under torchrun every rank computes a share; only rank 0 prints the merged result."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
+
+
 def stats_command(
     source: SourceArg,
     patterns: PatternsArg = None,
@@ -78,6 +84,8 @@ def stats_command(
         result = stats(source, patterns or [], excludes=exclude or [],
                        options=options(key, None, None, unsafe_load), prefix=strip_prefix,
                        allow_empty=allow_empty, jobs=jobs)
+        if not _printing_rank():
+            return
         if not quiet:
             render_stats(result, kind, sys.stdout,
                          headers=headers if headers is not None else kind != "tsv")
@@ -129,6 +137,8 @@ def diff_command(
         result = diff(a, b, patterns or [], excludes=exclude or [],
                       structure_only=structure_only, options_a=opts, options_b=opts,
                       prefix=strip_prefix, allow_empty=allow_empty, jobs=jobs)
+        if not _printing_rank():
+            return
         if not quiet:
             render_diff(result, kind, sys.stdout, show_all=show_all,
                         headers=headers if headers is not None else kind != "tsv")
