@@ -44,7 +44,7 @@ _LAZY = {
     "ParamctlError": "paramctl.errors",
     "inspect": "paramctl.core",
     "change": "paramctl.core",
-    "select": "paramctl.select",
+    "select": "paramctl.patterns",
     "LoadResult": "paramctl.api",
     "apply_rules": "paramctl.api",
     "freeze": "paramctl.api",
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from paramctl.core import change, inspect
     from paramctl.errors import ParamctlError
     from paramctl.model import Inventory, ParamInfo
-    from paramctl.select import select
+    from paramctl.patterns import select
     from paramctl.sources.base import Edit, OpenOptions, open_source
 
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from paramctl.errors import SourceError, UsageError
 from paramctl.model import FLOAT_DTYPES, tied_groups
+from paramctl.patterns import select
 from paramctl.rules import InitRule, Step, load_rules_file, parse_init_rule, run_init
-from paramctl.select import select
 from paramctl.sources.base import Edit, OpenOptions, Source, open_source
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def load_state_dict(model: nn.Module, path: str | os.PathLike[str], *, strict: b
 def _set_trainable(model: nn.Module, patterns: Sequence[str], excludes: Sequence[str],
                    trainable: bool, allow_empty: bool) -> list[str]:
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    chosen = set(select(names, patterns, excludes, allow_empty=allow_empty))
+    chosen = set(select(names, patterns, excludes, allow_empty=allow_empty, default_all=False))
     changed = []
     for name, p in model.named_parameters(remove_duplicate=False):
         if name in chosen and (p.is_floating_point() or p.is_complex()):
@@ -149,7 +149,8 @@ def _init_steps(model: nn.Module, steps: Sequence[Step], seed: int | None,
     for step in steps:
         if step.kind == "init":
             for rule in step.rules:
-                chosen = select(names, [rule.pattern], step.excludes, allow_empty=allow_empty)
+                chosen = select(names, [rule.pattern], step.excludes, allow_empty=allow_empty,
+                                default_all=False)
                 seen: set[int] = set()
                 for name in chosen:
                     p = params[name]

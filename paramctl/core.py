@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from paramctl.errors import OperationError, UsageError
 from paramctl.model import FLOAT_DTYPES, Inventory, ParamInfo
+from paramctl.patterns import select
 from paramctl.rules import InitRule, Step, check_applies, run_init
-from paramctl.select import select
 from paramctl.sources.base import Edit, OpenOptions, Source, open_source
 from paramctl.sources.statedict import strip_prefix
 
@@ -65,7 +65,8 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
     >>> inv = inspect("sample_models/mlp.py:MLP", ["*.bias"])  # doctest: +SKIP
     """
     view = open_view(spec, options, prefix=prefix)
-    chosen = set(select(view.names, patterns, excludes, allow_empty=allow_empty))
+    chosen = set(select(view.names, patterns, excludes, allow_empty=allow_empty,
+                        default_all=True))
     # --frozen lists what is recorded frozen: floating-point tensors that do not train.
     # Integer tensors (num_batches_tracked) are never trainable and never "frozen".
     params = [p for p in view.params if p.name in chosen
@@ -127,7 +128,7 @@ def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
         if step.kind in ("freeze", "unfreeze"):
             want = step.kind == "unfreeze"
             chosen = select(view.names, step.patterns, step.excludes, exact=step.exact,
-                            allow_empty=allow_empty)
+                            allow_empty=allow_empty, default_all=False)
             for name, via in _expand_tied(chosen, view):
                 p = info[name]
                 if p.buffer or p.dtype not in FLOAT_DTYPES:
@@ -140,7 +141,7 @@ def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
         else:
             for rule in step.rules:
                 chosen = select(view.names, [rule.pattern], step.excludes,
-                                allow_empty=allow_empty)
+                                allow_empty=allow_empty, default_all=False)
                 for name, via in _expand_tied(chosen, view):
                     p = info[name]
                     if p.buffer and view.source.format != "module":
