@@ -48,7 +48,7 @@ _LAZY = {
     "change": "paramctl.core",
     "mem": "paramctl.core",
     "MemEstimate": "paramctl.memory",
-    "select": "paramctl.select",
+    "select": "paramctl.patterns",
     "LoadResult": "paramctl.api",
     "apply_rules": "paramctl.api",
     "freeze": "paramctl.api",
@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     from paramctl.errors import ParamctlError
     from paramctl.memory import MemEstimate
     from paramctl.model import Edit, Inventory, ParamInfo
-    from paramctl.select import select
+    from paramctl.patterns import select
     from paramctl.sources import open_source
     from paramctl.sources.base import OpenOptions
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paramctl.errors import UsageError
+from paramctl.patterns import select
 from paramctl.rules import InitRule, Step, load_rules_file, parse_init_rule, run_init
-from paramctl.select import select
 from paramctl.weights import (
     LoadResult,
     describe_mismatch,
@@ -38,7 +38,7 @@ __all__ = [
 def _set_trainable(model: nn.Module, patterns: Sequence[str], excludes: Sequence[str],
                    trainable: bool, allow_empty: bool) -> list[str]:
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    chosen = set(select(names, patterns, excludes, allow_empty=allow_empty))
+    chosen = set(select(names, patterns, excludes, allow_empty=allow_empty, default_all=False))
     changed = []
     for name, p in model.named_parameters(remove_duplicate=False):
         if name in chosen and (p.is_floating_point() or p.is_complex()):
@@ -76,7 +76,8 @@ def _init_steps(model: nn.Module, steps: Sequence[Step], seed: int | None,
     for step in steps:
         if step.kind == "init":
             for rule in step.rules:
-                chosen = select(names, [rule.pattern], step.excludes, allow_empty=allow_empty)
+                chosen = select(names, [rule.pattern], step.excludes, allow_empty=allow_empty,
+                                default_all=False)
                 seen: set[int] = set()
                 for name in chosen:
                     p = params[name]

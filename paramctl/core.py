@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from paramctl.errors import OperationError, UsageError
 from paramctl.model import FLOAT_DTYPES, Change, ChangeResult, Edit, Inventory
+from paramctl.patterns import select
 from paramctl.rules import CONVERT_KINDS, InitRule, Step, check_applies, run_init
-from paramctl.select import select
 from paramctl.sources.base import OpenOptions
 from paramctl.view import View, open_view
 
@@ -34,7 +34,8 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
     >>> inv = inspect("sample_models/mlp.py:MLP", ["*.bias"])  # doctest: +SKIP
     """
     view = open_view(spec, options, prefix=prefix)
-    chosen = set(select(view.names, patterns, excludes, allow_empty=allow_empty))
+    chosen = set(select(view.names, patterns, excludes, allow_empty=allow_empty,
+                        default_all=True))
     # --frozen lists what is recorded frozen: floating-point tensors that do not train.
     # Integer tensors (num_batches_tracked) are never trainable and never "frozen".
     params = [p for p in view.params if p.name in chosen
@@ -95,7 +96,7 @@ def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
         if step.kind in ("freeze", "unfreeze"):
             want = step.kind == "unfreeze"
             chosen = select(view.names, step.patterns, step.excludes, exact=step.exact,
-                            allow_empty=allow_empty)
+                            allow_empty=allow_empty, default_all=False)
             for name, via in _expand_tied(chosen, view):
                 p = info[name]
                 if p.buffer or p.dtype not in FLOAT_DTYPES:
@@ -108,7 +109,7 @@ def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
         else:
             for rule in step.rules:
                 chosen = select(view.names, [rule.pattern], step.excludes,
-                                allow_empty=allow_empty)
+                                allow_empty=allow_empty, default_all=False)
                 for name, via in _expand_tied(chosen, view):
                     p = info[name]
                     if p.buffer and view.source.format != "module":

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from paramctl.errors import OperationError, UsageError
 from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, Edit, ParamInfo, TensorRecord
+from paramctl.patterns import select
 from paramctl.rules import Rename, Step, apply_renames, parse_cast, parse_rename
-from paramctl.select import select
 from paramctl.sources.base import OpenOptions
 from paramctl.view import View, open_view
 

@@ -16,7 +16,7 @@ from typing import Any, cast
 from paramctl.errors import CorruptFileError, UsageError
 from paramctl.io.files import FdPool
 from paramctl.model import ParamInfo, TensorRecord
-from paramctl.select import select
+from paramctl.patterns import select
 from paramctl.sources.base import FileSource, OpenOptions
 from paramctl.view import View, open_view
 

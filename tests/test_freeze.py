@@ -445,8 +445,14 @@ def test_dry_run_and_no_match_write_nothing(sample: Callable[[str], Path], tmp_p
     assert res.returncode == 0, res.stderr
     assert folder_state(tmp_path) == stamp
 
-    for args in (["blocks.9"], ["blocks.0", "--exclude", "nothing.here"], ["blocks.0", "nope*"],
-                 ["re:^decoder\\."], ["blocks.0", "!nothing"]):
+    # an exclude that matches nothing is not an error (it used to exit 3)
+    for args in (["blocks.0", "--exclude", "nothing.here"], ["blocks.0", "!nothing"]):
+        res = run(capsys, "freeze", path, *args, "--dry-run")
+        assert res.returncode == 0, (args, res.stderr)
+        assert len(res.stdout.splitlines()) == 16
+    assert folder_state(tmp_path) == stamp
+
+    for args in (["blocks.9"], ["blocks.0", "nope*"], ["re:^decoder\\."]):
         res = run(capsys, "freeze", path, *args)
         assert res.returncode == 3, (args, res.stderr)
         assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1

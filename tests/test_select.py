@@ -1,16 +1,26 @@
-"""Unit tests of the pattern language: ``paramctl.select.select`` and ``parse_pattern``.
+"""Unit tests of the pattern language: ``paramctl.patterns.select`` and ``parse_pattern``.
 
-Pure functions over lists of names; no torch, no files.
+Pure functions over lists of names; no torch. Only the no-match hints and
+``swapped_arguments_hint`` look at the current folder (a ``tmp_path``, via monkeypatch).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from paramctl.errors import NoMatchError, ParamctlError, UsageError
-from paramctl.select import parse_pattern, select, split_patterns
+from paramctl.patterns import (
+    is_bare_word,
+    parse_pattern,
+    select,
+    split_patterns,
+    swapped_arguments_hint,
+)
 
 NAMES = [
     "embed.weight",
@@ -168,7 +178,8 @@ class TestExclude:
         ]
 
     def test_only_excludes_start_from_everything(self) -> None:
-        assert select(NAMES, ["!encoder", "!*.bias"]) == [
+        # Only for the commands that look (default_all); see TestEmptySelection.
+        assert select(NAMES, ["!encoder", "!*.bias"], default_all=True) == [
             "embed.weight", "encoder2.weight", "decoder.attn.weight", "head.weight",
         ]
 
@@ -180,11 +191,17 @@ class TestExclude:
             "embed.weight"
         ]
 
-    def test_exclude_that_matches_nothing_is_an_error(self) -> None:
-        with pytest.raises(NoMatchError) as info:
-            select(NAMES, ["head"], ["haed"])
-        assert "'haed'" in str(info.value)
+    def test_exclude_that_matches_nothing_is_not_an_error(self) -> None:
+        assert select(NAMES, ["head"], ["haed"]) == pick(11, 12)
         assert select(NAMES, ["head"], ["haed"], allow_empty=True) == pick(11, 12)
+        assert select(NAMES, ["*"], ["lora_*"]) == NAMES
+        assert select(NAMES, ["*", "!lora_*", "!re:^nothing"]) == NAMES
+        assert select(NAMES, [], ["lora_*"], default_all=True) == NAMES
+
+    def test_a_bad_regex_in_an_exclude_that_would_match_nothing_is_still_an_error(
+            self) -> None:
+        with pytest.raises(UsageError):
+            select(NAMES, ["*"], ["re:(lora"])
 
     def test_split_patterns(self) -> None:
         assert split_patterns(["a", "!b", "re:c", "!re:d"]) == (["a", "re:c"], ["b", "re:d"])
@@ -201,8 +218,9 @@ class TestOrderAndExact:
         got = select(NAMES, ["head", "head.*", "*.bias", "re:^head"])
         assert got == ["encoder.layers.0.attn.q_proj.bias", "head.weight", "head.bias"]
 
-    def test_no_patterns_selects_everything(self) -> None:
-        assert select(NAMES, []) == NAMES
+    def test_no_patterns_selects_nothing_unless_default_all(self) -> None:
+        assert select(NAMES, []) == []
+        assert select(NAMES, [], default_all=True) == NAMES
 
     def test_exact_names_match_literally(self) -> None:
         names = ["a[0].w", "a0.w", "a.w", "ab"]
@@ -331,7 +349,8 @@ _props = settings(database=None, deadline=None)
 @given(_names, st.lists(_pattern, max_size=4), st.lists(_pattern, max_size=2))
 def test_result_is_ordered_subset(names: list[str], patterns: list[str],
                                   excludes: list[str]) -> None:
-    got = select(names, patterns, excludes, allow_empty=True)
+    # default_all: with no include, excludes alone are a usage error otherwise
+    got = select(names, patterns, excludes, allow_empty=True, default_all=True)
     assert set(got) <= set(names)
     assert len(got) == len(set(got))
     positions = [names.index(n) for n in got]
@@ -343,8 +362,12 @@ def test_result_is_ordered_subset(names: list[str], patterns: list[str],
 def test_literal_full_name_selects_itself(names: list[str], data: st.DataObject) -> None:
     name = data.draw(st.sampled_from(names))
     assert name in select(names, [name])
-    # and everything it selects is that name or something under it
-    assert all(n == name or n.startswith(name + ".") for n in select(names, [name]))
+    # and everything a dotted name selects is that name or something under it; a bare
+    # word selects every name holding it as a component (TestBareWord)
+    if "." in name:
+        assert all(n == name or n.startswith(name + ".") for n in select(names, [name]))
+    else:
+        assert all(name in n.split(".") for n in select(names, [name]))
 
 
 @_props
@@ -359,7 +382,8 @@ def test_excluding_what_you_include_gives_nothing(names: list[str], pattern: str
 def test_star_selects_all_names_in_order(names: list[str]) -> None:
     assert select(names, ["*"]) == names
     assert select(names, ["re:"]) == names
-    assert select(names, []) == names
+    assert select(names, [], default_all=True) == names
+    assert select(names, []) == []
 
 
 @_props
@@ -381,3 +405,260 @@ def test_no_match_iff_error(names: list[str], pattern: str) -> None:
         with pytest.raises(NoMatchError) as info:
             select(names, [pattern])
         assert repr(pattern) in str(info.value)
+
+
+# -- bare words: a name component at any depth (PEFT's target_modules) ------------------------
+LLAMA = [
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.self_attn.k_proj.weight",
+    "model.layers.0.mlp.up_proj.weight",
+    "model.layers.1.self_attn.q_proj.weight",
+    "model.layers.1.self_attn.q_proj.base.q.lora_A.default.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+    "enc.bias",
+]
+
+
+class TestBareWord:
+    @pytest.mark.parametrize(
+        ("pattern", "name", "expected"),
+        [
+            ("q_proj", "model.layers.0.self_attn.q_proj.weight", True),
+            ("bias", "enc.bias", True),
+            ("lora_A", "base.q.lora_A.default.weight", True),
+            ("model", "model.norm.weight", True),  # a top-level module, as before
+            ("lm_head", "lm_head", True),  # the whole name
+            ("0", "model.layers.0.mlp.up_proj.weight", True),
+            ("q_pro", "model.layers.0.self_attn.q_proj.weight", False),  # whole parts only
+            ("proj", "model.layers.0.self_attn.q_proj.weight", False),
+            ("Q_proj", "model.layers.0.self_attn.q_proj.weight", False),  # case-sensitive
+            ("lora_A", "base.q.lora_AB.default.weight", False),
+        ],
+    )
+    def test_matches(self, pattern: str, name: str, expected: bool) -> None:
+        assert is_bare_word(pattern)
+        assert parse_pattern(pattern)(name) is expected
+
+    def test_selects_at_any_depth(self) -> None:
+        assert select(LLAMA, ["q_proj"]) == [LLAMA[1], LLAMA[4], LLAMA[5]]
+        assert select(LLAMA, ["lora_A"]) == [LLAMA[5]]
+        assert select(LLAMA, ["bias"]) == ["enc.bias"]
+        assert select(NAMES, ["bias"]) == ["encoder.layers.0.attn.q_proj.bias", "head.bias"]
+        assert select(NAMES, ["attn"]) == pick(1, 2, 5, 10)  # not attn_norm
+
+    def test_bare_word_excludes(self) -> None:
+        assert select(LLAMA, ["q_proj", "!lora_A"]) == [LLAMA[1], LLAMA[4]]
+        assert select(NAMES, ["*"], ["weight"]) == pick(2, 12)
+
+    def test_dotted_plain_patterns_keep_their_meaning(self) -> None:
+        # a dot makes it a full name or module path from the top, not a component
+        assert select(NAMES, ["attn.q_proj"], allow_empty=True) == []
+        assert select(NAMES, ["*.attn.q_proj"]) == pick(1, 2, 5)
+        assert select(NAMES, ["head.bias"]) == ["head.bias"]
+        assert select(NAMES, ["encoder.layers.0.attn"]) == pick(1, 2)
+
+    @pytest.mark.parametrize("text", ["a.b", "q_*", "lay?rs", "[ab]", "re:q_proj", ""])
+    def test_what_is_not_a_bare_word(self, text: str) -> None:
+        assert not is_bare_word(text)
+
+
+# -- an empty selection selects nothing --------------------------------------------------------
+class TestEmptySelection:
+    def test_no_includes_select_nothing(self) -> None:
+        assert select(NAMES, []) == []
+        assert select(NAMES, [], exact=[]) == []
+        assert select(NAMES, [], allow_empty=True) == []
+        assert select([], []) == []
+
+    def test_default_all_is_for_the_commands_that_look(self) -> None:
+        assert select(NAMES, [], default_all=True) == NAMES
+        assert select(NAMES, ["!encoder"], default_all=True) == pick(0, 9, 10, 11, 12)
+        # with an include, default_all changes nothing
+        assert select(NAMES, ["head"], default_all=True) == pick(11, 12)
+
+    def test_only_a_bang_exclude_is_a_usage_error(self) -> None:
+        with pytest.raises(UsageError) as info:
+            select(NAMES, ["!head"])
+        assert info.value.exit_code == 2
+        assert str(info.value) == ("only excludes given ('!head'): that selects nothing; "
+                                   "write '*' '!head' to select everything but head")
+
+    def test_only_an_excludes_argument_is_a_usage_error(self) -> None:
+        with pytest.raises(UsageError) as info:
+            select(NAMES, [], ["head"])
+        assert str(info.value) == ("only excludes given ('!head'): that selects nothing; "
+                                   "write '*' '!head' to select everything but head")
+
+    def test_several_excludes_are_all_named(self) -> None:
+        with pytest.raises(UsageError) as info:
+            select(NAMES, ["!head", "!re:bias$"], ["embed"], allow_empty=True)
+        assert str(info.value) == (
+            "only excludes given ('!head' '!re:bias$' '!embed'): that selects nothing; "
+            "write '*' '!head' '!re:bias$' '!embed' to select everything but head, "
+            "re:bias$, embed")
+        assert "\n" not in str(info.value)
+
+    def test_the_suggested_fix_works(self) -> None:
+        assert select(NAMES, ["*", "!head"]) == pick(*range(11))
+
+    def test_exact_names_are_includes(self) -> None:
+        assert select(NAMES, [], ["head"], exact=["head.bias", "embed.weight"]) == [
+            "embed.weight"]
+        assert select(NAMES, ["!head"], exact=["embed.weight"]) == ["embed.weight"]
+
+
+# -- hints when nothing matches ----------------------------------------------------------------
+def no_match(names: list[str], patterns: list[str], exact: Sequence[str] = ()) -> str:
+    with pytest.raises(NoMatchError) as info:
+        select(names, patterns, exact=exact)
+    text = str(info.value)
+    assert "\n" not in text
+    assert info.value.exit_code == 3
+    assert text.endswith(" (use --allow-empty to accept)")
+    return text
+
+
+class TestHints:
+    @pytest.fixture(autouse=True)
+    def _empty_cwd(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        # the file-name hint looks at the current folder: make it a known one
+        monkeypatch.chdir(tmp_path)
+
+    def test_closest_modules_for_a_module_typo(self) -> None:
+        text = no_match(NAMES, ["encoder.layer.0"])
+        assert "closest modules: encoder.layers.0" in text
+        text = no_match(NAMES, ["encoder.layer.*"])
+        assert "closest modules: encoder.layers" in text
+
+    def test_closest_name_parts_for_a_bare_word(self) -> None:
+        text = no_match(LLAMA, ["q_prj"])
+        assert text == ("pattern 'q_prj' matched no parameter; closest name parts: q_proj, "
+                        "k_proj, up_proj (use --allow-empty to accept)")
+
+    def test_a_leaf_typo_names_leaves_only(self) -> None:
+        text = no_match(NAMES, ["head.wieght"])
+        assert "closest names: head.weight" in text
+        assert "closest modules" not in text
+
+    def test_names_differ_only_in_case(self) -> None:
+        names = ["backbone.0.weight", "backbone.1.weight", "head.weight"]
+        assert no_match(names, ["Backbone"]) == (
+            "pattern 'Backbone' matched no parameter; names differ only in case: backbone "
+            "(use --allow-empty to accept)")
+        assert "differ only in case: backbone.0" in no_match(names, ["BACKBONE.0"])
+        assert "differ only in case: head.weight" in no_match(names, ["Head.Weight"])
+        assert ("differ only in case: backbone.0.weight, backbone.1.weight"
+                in no_match(names, ["Backbone.*"]))
+        assert "differ only in case: head.weight" in no_match(names, ["re:^HEAD"])
+        assert "differ only in case: head.weight" in no_match(
+            names, [], exact=["Head.weight"])
+
+    def test_bracket_is_a_glob_character(self) -> None:
+        names = ["a.[0].w", "a.[1].w"]
+        text = no_match(names, ["a.[0].w"])
+        assert text == (r"pattern 'a.[0].w' matched no parameter; '[' is a glob character: "
+                        r"write 'a.[[]0].w' or 're:^a\.\[0\]\.w$' to match it literally "
+                        "(use --allow-empty to accept)")
+        # and both suggestions do
+        assert select(names, ["a.[[]0].w"]) == ["a.[0].w"]
+        assert select(names, [r"re:^a\.\[0\]\.w$"]) == ["a.[0].w"]
+        # a module with a bracket
+        text = no_match(names, ["a.[1]"])
+        assert r"write 'a.[[]1]' or 're:^a\.\[1\](\.|$)'" in text
+        assert select(names, ["a.[[]1]"]) == ["a.[1].w"]
+        assert select(names, [r"re:^a\.\[1\](\.|$)"]) == ["a.[1].w"]
+        # exact names (--names-from) already match literally
+        assert select(names, [], exact=["a.[0].w"]) == ["a.[0].w"]
+
+    def test_a_pattern_named_like_a_file_here_was_an_unquoted_glob(self,
+                                                                   tmp_path: Path) -> None:
+        (tmp_path / "model.pt").write_bytes(b"")
+        (tmp_path / "runs").mkdir()
+        assert no_match(NAMES, ["model.pt"]) == (
+            "pattern 'model.pt' matched no parameter; 'model.pt' is a file in the current "
+            "folder: the shell probably expanded an unquoted glob, so quote your patterns "
+            "(use --allow-empty to accept)")
+        assert "'runs' is a folder in the current folder" in no_match(NAMES, ["runs"])
+        assert "quote your patterns" not in no_match(NAMES, ["model.pth"])
+
+    def test_the_hint_is_only_a_hint(self) -> None:
+        # every no-match still names the pattern first
+        for pattern in ["zzz", "Head", "a.[0]", "re:^x", "x.*"]:
+            assert no_match(NAMES, [pattern]).startswith(f"pattern {pattern!r} matched")
+
+
+class TestSwappedArguments:
+    @pytest.fixture(autouse=True)
+    def _cwd(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "model.pt").write_bytes(b"")
+        (tmp_path / "shards").mkdir()
+
+    def test_pattern_first_then_a_file(self) -> None:
+        assert swapped_arguments_hint("*.bias", ["model.pt"]) == (
+            "arguments swapped? the checkpoint comes first: paramctl freeze model.pt '*.bias'")
+        assert swapped_arguments_hint("re:^head", ["-x", "model.pt"], command="list") == (
+            "arguments swapped? the checkpoint comes first: paramctl list model.pt 're:^head'")
+        assert swapped_arguments_hint("layers.[0-3]", ["shards"]) is not None
+
+    def test_right_order_or_nothing_to_swap_with(self) -> None:
+        assert swapped_arguments_hint("model.pt", ["*.bias"]) is None
+        assert swapped_arguments_hint("*.bias", ["nothing.pt", "head"]) is None
+        assert swapped_arguments_hint("*.bias", []) is None
+        # a plain word or module path is not pattern-like enough to guess
+        assert swapped_arguments_hint("encoder", ["model.pt"]) is None
+        assert swapped_arguments_hint("pkg.mod:Model", ["model.pt"]) is None
+
+    def test_a_real_path_with_glob_characters_is_a_source(self, tmp_path: Path) -> None:
+        (tmp_path / "run[1].pt").write_bytes(b"")
+        assert swapped_arguments_hint("run[1].pt", ["model.pt"]) is None
+
+
+# -- properties of the new contract ------------------------------------------------------------
+@_props
+@given(_names, st.lists(_pattern, max_size=3))
+def test_no_includes_select_nothing_or_refuse(names: list[str], excludes: list[str]) -> None:
+    bang = ["!" + e for e in excludes]
+    if excludes:
+        with pytest.raises(UsageError):
+            select(names, bang)
+        with pytest.raises(UsageError):
+            select(names, [], excludes, allow_empty=True)
+    else:
+        assert select(names, []) == []
+        assert select(names, [], allow_empty=True) == []
+    # the looking commands start from everything instead
+    assert select(names, bang, default_all=True) == select(names, ["*"], excludes)
+
+
+@_props
+@given(_names, st.lists(_pattern, min_size=1, max_size=3), st.lists(_pattern, max_size=3))
+def test_excludes_win(names: list[str], patterns: list[str], excludes: list[str]) -> None:
+    got = select(names, patterns, excludes, allow_empty=True)
+    removed = {n for n in names if any(parse_pattern(e)(n) for e in excludes)}
+    assert not set(got) & removed
+    kept = {n for n in names if any(parse_pattern(p)(n) for p in patterns)} - removed
+    assert set(got) == kept
+
+
+@_props
+@given(_names, st.lists(_pattern, max_size=3))
+def test_unmatched_excludes_never_raise(names: list[str], excludes: list[str]) -> None:
+    assert select(names, ["*"], excludes) == select(names, ["*"], excludes, allow_empty=True)
+
+
+@_props
+@given(_names, _segment)
+def test_bare_word_is_component_membership(names: list[str], word: str) -> None:
+    assume(is_bare_word(word))
+    want = [n for n in names if word in n.split(".")]
+    assert select(names, [word], allow_empty=True) == want
+
+
+@_props
+@given(_names, _pattern)
+def test_default_all_only_matters_without_includes(names: list[str], pattern: str) -> None:
+    assert (select(names, [pattern], allow_empty=True, default_all=True)
+            == select(names, [pattern], allow_empty=True))
