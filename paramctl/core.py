@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from paramctl.errors import OperationError, UsageError
+from paramctl.errors import OperationError, SourceError, UsageError
 from paramctl.model import FLOAT_DTYPES, Change, ChangeResult, Edit, Inventory
-from paramctl.patterns import select
+from paramctl.patterns import select, swapped_arguments_hint
 from paramctl.rules import CONVERT_KINDS, InitRule, Step, check_applies, run_init
 from paramctl.sources.base import OpenOptions
 from paramctl.view import View, open_view
@@ -26,6 +26,18 @@ if TYPE_CHECKING:
 __all__ = ["Change", "ChangeResult", "View", "change", "inspect", "mem", "open_view"]
 
 
+def _open(spec: str, options: OpenOptions | None, prefix: str | None,
+          others: Sequence[str], command: str) -> View:
+    """:func:`open_view`, saying so when the arguments look swapped (a pattern first)."""
+    try:
+        return open_view(spec, options, prefix=prefix)
+    except SourceError as exc:
+        hint = swapped_arguments_hint(spec, others, command=command)
+        if hint is None:
+            raise
+        raise SourceError(f"{exc}; {hint}") from None
+
+
 def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] = (),
             options: OpenOptions | None = None, prefix: str | None = None,
             trainable: bool | None = None, allow_empty: bool = False) -> Inventory:
@@ -33,7 +45,7 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
 
     >>> inv = inspect("sample_models/mlp.py:MLP", ["*.bias"])  # doctest: +SKIP
     """
-    view = open_view(spec, options, prefix=prefix)
+    view = _open(spec, options, prefix, [*patterns, *excludes], "list")
     chosen = set(select(view.names, patterns, excludes, allow_empty=allow_empty,
                         default_all=True))
     # --frozen lists what is recorded frozen: floating-point tensors that do not train.
@@ -152,7 +164,9 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
     """
     if not steps:
         raise UsageError("nothing to do: give at least one pattern or rule")
-    view = open_view(spec, options, prefix=prefix)
+    others = [*(p for s in steps for p in s.patterns), *(r.pattern for s in steps
+                                                         for r in s.rules)]
+    view = _open(spec, options, prefix, others, steps[0].kind)
     surgery_steps = [s for s in steps if s.kind in CONVERT_KINDS]
     changes, unchanged, skipped, inits = plan(
         view, [s for s in steps if s.kind not in CONVERT_KINDS], allow_empty=allow_empty)

@@ -245,3 +245,13 @@ def test_change_refuses_no_steps_and_writes_nothing_for_an_empty_step(
     assert len(inspect(str(path)).params) == 36
     assert len(inspect(str(path), ["!blocks"]).params) == 4
     assert sha(path) == digest
+
+
+def test_swapped_arguments_are_named(sample: Sample, tmp_path: Path) -> None:
+    path = sample("transformer.pt")
+    for command in ("freeze", "list"):
+        res = run_cli(command, "blocks.*", path.name, cwd=tmp_path)
+        assert res.returncode == 1
+        line = one_error_line(res)
+        assert f"arguments swapped? the checkpoint comes first: paramctl {command} " \
+               f"{path.name} 'blocks.*'" in line
