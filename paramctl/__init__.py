@@ -25,6 +25,8 @@ __all__ = [
     "__version__",
     "apply_rules",
     "change",
+    "convert",
+    "diff",
     "freeze",
     "frozen_names",
     "init_params",
@@ -34,6 +36,7 @@ __all__ = [
     "open_source",
     "save_module",
     "select",
+    "stats",
     "unfreeze",
 ]
 
@@ -49,6 +52,9 @@ _LAZY = {
     "mem": "paramctl.core",
     "MemEstimate": "paramctl.memory",
     "select": "paramctl.patterns",
+    "convert": "paramctl.api",
+    "stats": "paramctl.values",
+    "diff": "paramctl.values",
     "LoadResult": "paramctl.api",
     "apply_rules": "paramctl.api",
     "freeze": "paramctl.api",
@@ -63,6 +69,7 @@ if TYPE_CHECKING:
     from paramctl.api import (
         LoadResult,
         apply_rules,
+        convert,
         freeze,
         frozen_names,
         init_params,
@@ -77,6 +84,7 @@ if TYPE_CHECKING:
     from paramctl.patterns import select
     from paramctl.sources import open_source
     from paramctl.sources.base import OpenOptions
+    from paramctl.values import diff, stats
 
 
 def __getattr__(name: str) -> Any:

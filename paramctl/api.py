@@ -22,9 +22,12 @@ from paramctl.writers.module import save_module
 if TYPE_CHECKING:
     from torch import nn
 
+    from paramctl.surgery import ConvertResult
+
 __all__ = [
     "LoadResult",
     "apply_rules",
+    "convert",
     "describe_mismatch",
     "freeze",
     "frozen_names",
@@ -121,3 +124,26 @@ def apply_rules(model: nn.Module, rules: str | os.PathLike[str] | Sequence[Step]
     else:
         steps = list(rules)
     return _init_steps(model, steps, seed, allow_empty)
+
+
+def convert(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
+            keep: Sequence[str] = (), drop: Sequence[str] = (), rename: Sequence[str] = (),
+            cast: str | None = None, cast_only: Sequence[str] = (),
+            no_cast: Sequence[str] = (), allow_overflow: bool = False,
+            max_shard_size: int | None = None, dry_run: bool = False,
+            key: str | None = None) -> ConvertResult:
+    """Rename, keep/drop, cast or re-shard a checkpoint in one streaming rewrite.
+
+    >>> paramctl.convert("ddp.pt", "plain.pt", rename=["module.="])  # doctest: +SKIP
+    >>> paramctl.convert("model.safetensors", "bf16.safetensors", cast="bfloat16",
+    ...                  no_cast=["*norm*"])                           # doctest: +SKIP
+    """
+    from paramctl.sources.base import OpenOptions
+    from paramctl.surgery import ConvertPlan
+    from paramctl.surgery import convert as run
+
+    plan = ConvertPlan.parse(keep=keep, drop=drop, rename=rename, cast=cast,
+                             cast_only=cast_only, no_cast=no_cast,
+                             allow_overflow=allow_overflow)
+    return run(os.fspath(source), plan, out=Path(out) if out is not None else None,
+               options=OpenOptions(key=key), max_shard_size=max_shard_size, dry_run=dry_run)

@@ -148,7 +148,7 @@ ALLOWED: dict[str, set[str]] = {
     "core": {"sources", "writers", "numeric", "rules", "select", "patterns", "io", "formats",
              "memory", "weights", "view", "surgery", *_BOTTOM},
     "api": {"core", "sources", "writers", "rules", "select", "patterns", "io", "weights",
-            *_BOTTOM},
+            "surgery", "values", *_BOTTOM},
     "cli": {"core", "render", "sources", "rules", "select", "patterns", "errors", "model",
             "memory", "io", "surgery", "values", ""},
     "errors": set(),
