@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paramctl.errors import OperationError, UsageError
+from paramctl.io.reader import is_remote
 from paramctl.model import FLOAT_DTYPES, Change, ChangeResult, Edit, Inventory, ParamInfo
 from paramctl.rules import InitRule, Step, check_applies, run_init
 from paramctl.select import select
@@ -23,7 +24,7 @@ from paramctl.sources.statedict import strip_prefix
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Change", "ChangeResult", "View", "change", "inspect", "open_view"]
+__all__ = ["Change", "ChangeResult", "View", "change", "check_writable", "inspect", "open_view"]
 
 
 @dataclass
@@ -153,6 +154,12 @@ def make_init_fn(rules: dict[str, InitRule], seed: int | None
     return init_fn
 
 
+def check_writable(spec: str, dry_run: bool = False) -> None:
+    """Refuse a write to a remote source before any request (a dry run only reads)."""
+    if is_remote(spec) and not dry_run:
+        raise UsageError(f"{spec}: remote sources are read-only; download first")
+
+
 def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = None,
            prefix: str | None = None, out: Path | None = None, dry_run: bool = False,
            allow_empty: bool = False, seed: int | None = None,
@@ -165,6 +172,7 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
     """
     if not steps:
         raise UsageError("nothing to do: give at least one pattern or rule")
+    check_writable(spec, dry_run)
     view = open_view(spec, options, prefix=prefix)
     changes, unchanged, skipped, inits = plan(view, steps, allow_empty=allow_empty)
     result = ChangeResult(view.source.display, view.source.format, changes, unchanged, skipped)
