@@ -25,6 +25,7 @@ import shlex
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -233,7 +234,8 @@ def reset_rss_high_water_mark() -> None:
         pass
 
 
-def spawn(argv: Sequence[str], stdout: Path, stderr: Path, timeout: float) -> Run:
+def spawn(argv: Sequence[str], stdout: Path, stderr: Path, timeout: float,
+          env: dict[str, str] | None = None) -> Run:
     """Run ARGV once (cwd = repo root); wall time and peak RSS via os.wait4."""
     reset_rss_high_water_mark()
     with open(stdout, "wb") as out, open(stderr, "wb") as err:
@@ -241,7 +243,7 @@ def spawn(argv: Sequence[str], stdout: Path, stderr: Path, timeout: float) -> Ru
         try:
             proc = subprocess.Popen(
                 list(argv), cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                env=CHILD_ENV,
+                env={**CHILD_ENV, **(env or {})},
             )
         except OSError as exc:
             return Run(0.0, 0, -1, f"cannot start: {exc}")
@@ -278,6 +280,20 @@ LIST_PT = (
     "[print(k, tuple(v.shape), v.dtype) for k, v in sd.items()]\n"
 )
 IMPORT_TORCH = "import torch"
+# What a user writes to list a sharded repo on the Hub (a fresh cache each run, as on first use).
+HF_METADATA = (
+    "import os, sys, tempfile\n"
+    "with tempfile.TemporaryDirectory() as home:\n"
+    "    os.environ['HF_HOME'] = home\n"
+    "    from huggingface_hub import get_safetensors_metadata\n"
+    "    meta = get_safetensors_metadata(sys.argv[1])\n"
+    "    for f in meta.files_metadata.values():\n"
+    "        for name, t in f.tensors.items():\n"
+    "            print(name, t.dtype, t.shape)\n"
+)
+REMOTE_SHARDS = 160
+REMOTE_LATENCY = 0.05
+REMOTE_REPO = "bench/sharded"
 
 
 @dataclass(frozen=True)
@@ -290,6 +306,8 @@ class Case:
     source: Path | None = None  # input of a write case
     out: Path | None = None  # file both commands write; checked, then deleted after each run
     min_lines: int = 0  # paramctl stdout must have at least this many lines
+    env: dict[str, str] = field(default_factory=dict)  # added to both commands' environment
+    target_seconds: float | None = None  # paramctl's median wall time must not exceed this
 
     @property
     def informational(self) -> bool:
@@ -299,8 +317,9 @@ class Case:
 CASE_NAMES = [
     "list pt", "list small pt", "list safetensors", "list small safetensors",
     "freeze pt", "freeze safetensors", "init safetensors", "list 7b module", "help",
+    "list remote shards",
 ]  # fmt: skip
-NO_CHECKPOINT_CASES = {"list 7b module", "help"}
+NO_CHECKPOINT_CASES = {"list 7b module", "help", "list remote shards"}
 
 
 def copy_command(source: str, out: Path, sync: bool) -> list[str]:
@@ -337,6 +356,54 @@ def make_cases(ckpt: Path, work: Path, tensors: dict[str, int], sync: bool) -> l
              [py, "-c", IMPORT_TORCH], 2.5, 600, min_lines=1),
         Case("help", ["--help"], [py, "-c", IMPORT_TORCH], 0.15, None, min_lines=1),
     ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- remote case
+
+
+def write_tiny_shards(folder: Path, shards: int) -> int:
+    """A sharded safetensors repo of SHARDS files with 2 tiny tensors each, written without
+    torch (this process must not import it). Returns the number of tensors."""
+    weight_map = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        for i in range(2):
+            tensor = f"model.layers.{s}.mlp.w{i}.weight"
+            offsets = [32 * i, 32 * i + 32]
+            header[tensor] = {"dtype": "BF16", "shape": [4, 4], "data_offsets": offsets}
+            weight_map[tensor] = name
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        (folder / name).write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(64))
+    index = {"metadata": {"total_size": 64 * shards}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return len(weight_map)
+
+
+def start_remote_server(work: Path) -> tuple[object, Case]:
+    """Serve a REMOTE_SHARDS-shard repo on 127.0.0.1 with REMOTE_LATENCY per request (the
+    fake Hub of the tests), and the case that lists it: `paramctl list hf://...` vs
+    huggingface_hub's get_safetensors_metadata, both pointed at it by HF_ENDPOINT."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from fakehub import FakeHub
+
+    repo = work / "remote-repo"
+    repo.mkdir()
+    tensors = write_tiny_shards(repo, REMOTE_SHARDS)
+    hub = FakeHub(latency=REMOTE_LATENCY)
+    hub.add_repo(REMOTE_REPO, repo)
+    hub.start()
+    env = {
+        "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(work / "no-hf-home"), "HF_TOKEN": "",
+        "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+        "HF_HUB_DISABLE_XET": "1", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",
+    }
+    case = Case("list remote shards", ["list", f"hf://{REMOTE_REPO}", "-f", "tsv"],
+                [sys.executable, "-c", HF_METADATA, REMOTE_REPO], 0.5, None,
+                min_lines=tensors, env=env, target_seconds=1.5)
+    return hub, case
 
 
 def check_run(case: Case, run: Run, stdout: Path, is_paramctl: bool) -> Run:
@@ -391,7 +458,8 @@ class Result:
         c = self.case
         bad_ratio = c.target_ratio is not None and self.ratio > c.target_ratio
         bad_mem = c.target_mib is not None and self.peak_mib > c.target_mib
-        return "FAIL" if bad_ratio or bad_mem else "PASS"
+        bad_time = c.target_seconds is not None and self.paramctl_median > c.target_seconds
+        return "FAIL" if bad_ratio or bad_mem or bad_time else "PASS"
 
 
 def describe_failure(argv: Sequence[str], run: Run, stderr: Path) -> str:
@@ -410,7 +478,7 @@ def run_case(
     for i in range(repeat + (1 if warmup else 0)):
         pair: list[Run] = []
         for j, argv in enumerate(commands):
-            run = spawn(argv, stdout, stderr, timeout)
+            run = spawn(argv, stdout, stderr, timeout, case.env)
             run = check_run(case, run, stdout, is_paramctl=j == 0)
             if case.out is not None:
                 case.out.unlink(missing_ok=True)
@@ -495,6 +563,14 @@ def print_table(results: list[Result], quick: bool) -> None:
         )
 
 
+def print_absolute(results: list[Result]) -> None:
+    """Cases that also hold paramctl to a wall time (the table's ratio is the other half)."""
+    for r in results:
+        if r.case.target_seconds is not None and r.pairs:
+            print(f"{r.case.name}: paramctl {r.paramctl_median:.3f} s (target <= "
+                  f"{r.case.target_seconds:.1f} s), baseline {r.baseline_median:.3f} s")
+
+
 def print_growth(results: list[Result]) -> None:
     """Show big vs small list times: list cost should not grow with data size."""
     by_name = {r.case.name: r for r in results if r.pairs}
@@ -575,6 +651,7 @@ def run_all(args: argparse.Namespace, cache_dir: Path) -> int:
     paramctl = shlex.split(args.paramctl) if args.paramctl else [sys.executable, "-m", "paramctl"]
     repeat = args.repeat or (1 if args.quick else 5)
     work = Path(tempfile.mkdtemp(prefix=f"work-{os.getpid()}-", dir=cache_dir))
+    server: object | None = None
     try:
         names = args.only or CASE_NAMES
         ckpt, tensors = work, {"big": 0, "small": 0}
@@ -583,6 +660,9 @@ def run_all(args: argparse.Namespace, cache_dir: Path) -> int:
             tensors = json.loads((ckpt / MANIFEST).read_text())["tensors"]
             warm_page_cache(sorted(p for p in ckpt.iterdir() if p.name != MANIFEST))
         cases = [c for c in make_cases(ckpt, work, tensors, args.sync_baseline) if c.name in names]
+        if "list remote shards" in names:
+            server, remote_case = start_remote_server(work)
+            cases.append(remote_case)
         print(machine_info(paramctl, rss_floor_mib(work)))
         if args.quick:
             print(f"# {QUICK_NOTE}")
@@ -591,9 +671,12 @@ def run_all(args: argparse.Namespace, cache_dir: Path) -> int:
             print(f"running {case.name} ...", file=sys.stderr, flush=True)
             results.append(run_case(case, paramctl, work, repeat, not args.quick, args.timeout))
         print_table(results, args.quick)
+        print_absolute(results)
         print_growth(results)
         return report_failures(results, args.quick)
     finally:
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paramctl.errors import OperationError, SourceError, UsageError
+from paramctl.io.reader import is_remote
 from paramctl.model import FLOAT_DTYPES, Change, ChangeResult, Edit, Inventory
 from paramctl.patterns import select, swapped_arguments_hint
 from paramctl.rules import CONVERT_KINDS, InitRule, Step, check_applies, run_init
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 
     from paramctl.memory import MemEstimate
 
-__all__ = ["Change", "ChangeResult", "View", "change", "inspect", "mem", "open_view"]
+__all__ = ["Change", "ChangeResult", "View", "change", "check_writable", "inspect", "mem",
+           "open_view"]
 
 
 def _open(spec: str, options: OpenOptions | None, prefix: str | None,
@@ -152,6 +154,12 @@ def make_init_fn(rules: dict[str, InitRule], seed: int | None
     return init_fn
 
 
+def check_writable(spec: str, dry_run: bool = False) -> None:
+    """Refuse a write to a remote source before any request (a dry run only reads)."""
+    if is_remote(spec) and not dry_run:
+        raise UsageError(f"{spec}: remote sources are read-only; download first")
+
+
 def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = None,
            prefix: str | None = None, out: Path | None = None, dry_run: bool = False,
            allow_empty: bool = False, seed: int | None = None,
@@ -164,6 +172,7 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
     """
     if not steps:
         raise UsageError("nothing to do: give at least one pattern or rule")
+    check_writable(spec, dry_run)
     others = [*(p for s in steps for p in s.patterns), *(r.pattern for s in steps
                                                          for r in s.rules)]
     view = _open(spec, options, prefix, others, steps[0].kind)

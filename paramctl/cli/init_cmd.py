@@ -75,11 +75,12 @@ def _run(source: str, steps_from: StepsFactory, seed: int | None, out: Path | No
          dry_run: bool, allow_empty: bool, fmt: str | None, headers: bool | None, key: str | None,
          strip_prefix: str | None, arg: list[str] | None, weights: Path | None,
          unsafe_load: bool, quiet: bool, debug: bool, max_shard_size: str | None) -> None:
-    from paramctl.core import change
+    from paramctl.core import change, check_writable
     from paramctl.render import FORMATS, render_changes
 
     with handle_errors(debug):
         shown = output_format(fmt, FORMATS)
+        check_writable(source, dry_run)  # before the rules (parsing them imports torch)
         steps, file_seed = steps_from()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # Under torchrun every rank must compute the same tensors; only rank 0 prints.

@@ -50,11 +50,14 @@ class NewRecord:
     crc: int | None = None
 
 
-def read_records(reader: ByteReader) -> list[Record]:
+def read_records(reader: ByteReader, *,
+                 locate: Callable[[str], bool] | None = None) -> list[Record]:
     """List the records of a torch zip in file order, validating what the writer relies on.
 
     Reads the end-of-central-directory, the central directory and each local header
-    (a few hundred bytes per record), never record data.
+    (a few hundred bytes per record), never record data. ``locate`` limits which local
+    headers are read (by record name): the others keep ``offset == -1`` (not located), and
+    their bytes must not be read; a listing needs only the pickle's.
     """
     path, file_size = reader.name, reader.size
     try:
@@ -78,6 +81,13 @@ def read_records(reader: ByteReader) -> list[Record]:
         seen.add(info.filename)
         if not 0 <= info.header_offset <= file_size - _LOCAL.size:
             raise CorruptFileError(f"{path}: truncated (record {name} is cut off)")
+        if locate is not None and not locate(info.filename):
+            if info.header_offset + _LOCAL.size + info.file_size > file_size:
+                raise CorruptFileError(f"{path}: truncated (record {name} extends past "
+                                       "the end of the file)")
+            records.append(Record(info.filename, -1, info.file_size, info.CRC,
+                                  info.date_time))
+            continue
         header = reader.pread(_LOCAL.size, info.header_offset)
         if len(header) < _LOCAL.size:
             raise CorruptFileError(f"{path}: truncated (record {name} is cut off)")
@@ -91,7 +101,7 @@ def read_records(reader: ByteReader) -> list[Record]:
         records.append(Record(info.filename, data_offset, info.file_size, info.CRC,
                               info.date_time))
     records.sort(key=lambda r: r.offset)
-    for prev, cur in itertools.pairwise(records):
+    for prev, cur in itertools.pairwise(r for r in records if r.offset >= 0):
         if prev.offset + prev.size > cur.offset:
             raise CorruptFileError(f"{path}: records {prev.name!r} and {cur.name!r} overlap")
     return records

@@ -2,8 +2,9 @@
 
 A format module opens its input with :func:`open_reader` and asks for byte ranges with
 ``pread``; it never learns whether the bytes come from a local file or from somewhere
-else. Local files are the built-in scheme; other schemes (``https://``) register an opener
-with :func:`register_scheme`, so adding one touches no format module.
+else. Local files are the built-in scheme; other schemes register an opener with
+:func:`register_scheme`, so adding one touches no format module (:mod:`paramctl.io.hub`
+registers ``https://``, ``http://`` and ``hf://``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import stat
 from collections.abc import Callable
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from paramctl.errors import CorruptFileError, SourceError
 from paramctl.io.files import FileIdentity, file_identity
@@ -25,6 +27,7 @@ __all__ = [
     "join",
     "open_reader",
     "register_scheme",
+    "spec_name",
 ]
 
 
@@ -129,6 +132,12 @@ def join(base: str, name: str) -> str:
 
 def is_remote(spec: str) -> bool:
     return spec.startswith(("http://", "https://", "hf://"))
+
+
+def spec_name(spec: str) -> str:
+    """What a format detector matches suffixes against: a URL's path (its query left
+    out), or the local path itself."""
+    return urlsplit(spec).path if is_remote(spec) else spec
 
 
 def open_reader(spec: str) -> ByteReader:

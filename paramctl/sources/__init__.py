@@ -1,11 +1,14 @@
 """Checkpoint formats behind one protocol; importing this package registers them all.
 
 Each format is one reader module that calls :func:`~paramctl.sources.base.register`;
-:func:`open_source` picks the first whose detector accepts the spec.
+:func:`open_source` picks the first whose detector accepts the spec. Remote specs
+(``https://``, ``hf://``) reach the same readers through :mod:`paramctl.io.hub`, which
+registers their byte readers; ``hf://ORG/REPO`` is first resolved to its weights file.
 """
 
 from __future__ import annotations
 
+from paramctl.io import hub
 from paramctl.sources import dcp, module, pt, safetensors, sharded
 from paramctl.sources.base import (
     Edit,
@@ -25,6 +28,7 @@ __all__ = [
 def open_source(spec: str, options: OpenOptions | None = None) -> Source:
     """Open ``spec`` with the first format whose detector accepts it."""
     options = options or OpenOptions()
+    spec = hub.resolve(spec)
     fmt = detect_format(spec)
     for name, _, opener in openers():
         if name == fmt:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from paramctl.errors import SourceError
+from paramctl.errors import SourceError, UsageError
+from paramctl.io.reader import is_remote, spec_name
 from paramctl.model import Edit, InitFn, ParamInfo, TensorRecord
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ __all__ = [
     "Source",
     "TensorRecord",
     "detect_format",
+    "local_only",
     "openers",
     "register",
 ]
@@ -77,6 +79,12 @@ def detect_format(spec: str) -> str:
     for fmt, detect, _ in _REGISTRY:
         if detect(spec):
             return fmt
+    if is_remote(spec):
+        if spec_name(spec).endswith(".bin.index.json"):
+            raise SourceError(f"{spec}: sharded torch .bin checkpoints are not supported "
+                              "remotely yet; download the files")
+        raise SourceError(f"{spec}: unknown remote file type; name a .safetensors, "
+                          ".safetensors.index.json, .pt, .pth, .bin or .ckpt file")
     if os.path.isdir(spec):
         raise SourceError(
             f"{spec} is a directory without a *.safetensors.index.json or a .metadata file; "
@@ -91,6 +99,12 @@ def detect_format(spec: str) -> str:
         f"{spec}: unknown checkpoint type; expected .pt .pth .bin .ckpt .safetensors, a "
         "sharded index, a DCP folder or a module path like pkg.mod:Model"
     )
+
+
+def local_only(display: str, remote: bool) -> None:
+    """Refuse to read tensor values of a remote source (only metadata is fetched)."""
+    if remote:
+        raise UsageError(f"{display}: remote sources are read-only; download first")
 
 
 def openers() -> list[tuple[str, Detector, Opener]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from paramctl.errors import SourceError, UsageError
+from paramctl.io.reader import is_remote
 from paramctl.model import ParamInfo
 from paramctl.sources.base import OpenOptions, register
 
@@ -163,7 +164,7 @@ class ModuleSource:
 
 
 def _detect(spec: str) -> bool:
-    return not os.path.exists(spec) and is_module_path(spec)
+    return not is_remote(spec) and not os.path.exists(spec) and is_module_path(spec)
 
 
 register("module", _detect, ModuleSource)

@@ -19,9 +19,9 @@ from paramctl.errors import CorruptFileError, SourceError, UnsafeFileError
 from paramctl.formats import PT_EXTENSIONS
 from paramctl.formats.zip import Record, read_records
 from paramctl.io.files import FdPool, read_exact
-from paramctl.io.reader import ByteReader, LocalReader, is_remote, open_reader
+from paramctl.io.reader import ByteReader, LocalReader, is_remote, open_reader, spec_name
 from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo, TensorRecord, tied_groups
-from paramctl.sources.base import OpenOptions, register
+from paramctl.sources.base import OpenOptions, local_only, register
 from paramctl.sources.pickle_vm import ParsedPickle, TensorRef, parse_pickle
 from paramctl.sources.statedict import find_state_dict
 
@@ -30,6 +30,14 @@ __all__ = ["EXTENSIONS", "PtSource", "UnsafePtSource", "open_pt"]
 EXTENSIONS = PT_EXTENSIONS
 MAX_PICKLE_BYTES = 1 << 30
 _ZIP_MAGIC = b"PK\x03\x04"
+# How much of a legacy (non-zip) file is scanned for its globals; its pickles come first.
+_LEGACY_SCAN = 64 << 20
+_LEGACY_SCAN_REMOTE = 1 << 20
+
+
+def _is_pickle(name: str) -> bool:
+    """The main pickle of a torch zip: ``<archive>/data.pkl``."""
+    return name.endswith("data.pkl") and name.count("/") == 1
 
 
 def _first_unsafe_global(data: bytes) -> str | None:
@@ -72,7 +80,8 @@ def _classify_non_zip(path: str, head: bytes, reader: ByteReader) -> SourceError
     if not head:
         return CorruptFileError(f"{path}: the file is empty")
     if head[:1] == b"\x80":
-        bad = _first_unsafe_global(reader.pread(64 << 20, 0))
+        scan = _LEGACY_SCAN_REMOTE if is_remote(path) else _LEGACY_SCAN
+        bad = _first_unsafe_global(reader.pread(scan, 0))
         what = f"it refers to global '{bad}', and reading it" if bad else "reading it"
         return UnsafeFileError(
             f"{path}: legacy (pre-1.6, non-zip) torch format; {what} means unpickling "
@@ -102,7 +111,10 @@ class PtSource:
             head = reader.pread(4, 0)
             if head != _ZIP_MAGIC:
                 raise _classify_non_zip(path, head, reader)
-            self.zip_records = read_records(reader)
+            # Remotely, each record's local header would cost a request (they lie between
+            # the tensors); listing needs only data.pkl's, so only that one is located.
+            self.zip_records = read_records(reader,
+                                            locate=_is_pickle if self.remote else None)
             self.pickle_record = self._find_pickle(path)
             # From the same reader as the records: never a pickle of some other file.
             self.pickle_bytes = reader.pread(self.pickle_record.size, self.pickle_record.offset)
@@ -132,8 +144,7 @@ class PtSource:
     # -- reading -----------------------------------------------------------------------
     def _find_pickle(self, path: str) -> Record:
         names = [r.name for r in self.zip_records]
-        pkl = next((r for r in self.zip_records if r.name.endswith("data.pkl")
-                    and r.name.count("/") == 1), None)
+        pkl = next((r for r in self.zip_records if _is_pickle(r.name)), None)
         if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
             raise SourceError(f"{path}: a TorchScript archive, not a checkpoint; "
                               "open it with torch.jit.load")
@@ -196,6 +207,7 @@ class PtSource:
     def records(self, pool: FdPool) -> list[TensorRecord]:
         """Every tensor of the state dict; contiguous ones as byte ranges of their storage
         record, strided views made contiguous on demand (numpy, no torch)."""
+        local_only(self.display, self.remote)
         fd = pool.get(self.path)
         out = []
         for p in self.params():
@@ -214,6 +226,7 @@ class PtSource:
     # -- tensors for the Python API ------------------------------------------------------
     def load_tensors(self) -> dict[str, Any]:
         """Real tensors (memory-mapped) keyed by name, through torch's own loader."""
+        local_only(self.display, self.remote)
         import torch
 
         try:
@@ -303,6 +316,7 @@ def open_pt(path: str, options: OpenOptions) -> PtSource | UnsafePtSource:
     except UnsafeFileError:
         if not options.unsafe_load:
             raise
+        local_only(path, is_remote(path))
         return UnsafePtSource(path, options)
 
 
@@ -333,6 +347,8 @@ def _strided_loader(fd: int, rec: Record, ref: TensorRef, display: str
 
 
 def _detect(spec: str) -> bool:
+    if is_remote(spec):
+        return spec_name(spec).lower().endswith(EXTENSIONS)
     return spec.lower().endswith(EXTENSIONS) and not os.path.isdir(spec) and (
         os.path.exists(spec) or ":" not in spec
     )

@@ -13,9 +13,9 @@ from typing import Any
 from paramctl.errors import CorruptFileError, SourceError
 from paramctl.formats.safetensors import Header, TensorEntry, header_records, read_header
 from paramctl.io.files import FdPool
-from paramctl.io.reader import LocalReader, is_remote, open_reader
+from paramctl.io.reader import LocalReader, is_remote, open_reader, spec_name
 from paramctl.model import FLOAT_DTYPES, Edit, ParamInfo, TensorRecord
-from paramctl.sources.base import OpenOptions, register
+from paramctl.sources.base import OpenOptions, local_only, register
 
 __all__ = ["SafetensorsSource"]
 
@@ -61,6 +61,7 @@ class SafetensorsSource:
 
     def records(self, pool: FdPool) -> list[TensorRecord]:
         """Tensors in file order (the order their bytes are stored)."""
+        local_only(self.display, self.remote)
         return header_records(pool.get(self.path), self.header, self.frozen)
 
     def entry(self, name: str) -> TensorEntry:
@@ -69,6 +70,7 @@ class SafetensorsSource:
     def load_tensors(self) -> dict[str, Any]:
         from safetensors.torch import load_file
 
+        local_only(self.display, self.remote)
         try:
             return dict(load_file(str(self.path)))
         except Exception as exc:  # the Rust loader raises its own error type
@@ -76,7 +78,7 @@ class SafetensorsSource:
 
 
 def _detect(spec: str) -> bool:
-    return spec.lower().endswith(".safetensors") and not os.path.isdir(spec)
+    return spec_name(spec).lower().endswith(".safetensors") and not os.path.isdir(spec)
 
 
 register("safetensors", _detect, SafetensorsSource)

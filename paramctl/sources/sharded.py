@@ -16,13 +16,18 @@ from paramctl.errors import CorruptFileError, SourceError
 from paramctl.formats import FROZEN_KEY, INDEX_SUFFIX
 from paramctl.formats.safetensors import Header, TensorEntry, header_records, read_header
 from paramctl.io.files import FdPool, FileIdentity
-from paramctl.io.reader import LocalReader, is_remote, join, open_reader
+from paramctl.io.reader import LocalReader, is_remote, join, open_reader, spec_name
 from paramctl.model import FLOAT_DTYPES, Edit, ParamInfo, TensorRecord
-from paramctl.sources.base import OpenOptions, register
+from paramctl.sources.base import OpenOptions, local_only, register
 
 __all__ = ["INDEX_SUFFIX", "ShardedSource"]
 
 MAX_INDEX_BYTES = 256 << 20
+# Remote shard headers fetched at once: each costs a round trip, so they overlap. 16, not
+# DESIGN's "about 8": with 50 ms a request, 160 shards take 1.5 s at 8 (over the contract's
+# 0.5 x huggingface_hub), 0.94 s at 16 and no less at 32 (benchmarks/run.py, "list remote
+# shards"); 16 connections is what huggingface_hub itself opens on a 12-core machine.
+REMOTE_FETCHES = 16
 
 
 def find_index(spec: str) -> Path:
@@ -97,7 +102,7 @@ class ShardedSource:
                     self.entries[e.name] = e
             for name, owner in self.weight_map.items():
                 if owner == shard and name not in names:
-                    raise CorruptFileError(f"{self.index_path}: {name!r} is mapped to {shard}, "
+                    raise CorruptFileError(f"{self.index_spec}: {name!r} is mapped to {shard}, "
                                            "which does not hold it")
         self.frozen = self._frozen()
 
@@ -112,7 +117,7 @@ class ShardedSource:
             except ValueError:
                 raw = None
         if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
-            raise CorruptFileError(f"{self.index_path}: metadata[{FROZEN_KEY!r}] is not a list "
+            raise CorruptFileError(f"{self.index_spec}: metadata[{FROZEN_KEY!r}] is not a list "
                                    "of names")
         return set(raw)
 
@@ -160,14 +165,20 @@ class ShardedSource:
         # Remote headers: a round trip each, so fetch them concurrently (bounded).
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
-            return list(pool.map(read, shards))
+        pool = ThreadPoolExecutor(max_workers=min(REMOTE_FETCHES, len(shards)))
+        try:
+            futures = [pool.submit(read, s) for s in shards]
+            return [f.result() for f in futures]
+        finally:
+            # After a failure, do not fetch (and retry) the shards still queued.
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def shard_path(self, shard: str) -> Path:
         return self.folder / shard
 
     def records(self, pool: FdPool) -> list[TensorRecord]:
         """Every tensor, in index order, as byte ranges of its shard."""
+        local_only(self.display, self.remote)
         by_name: dict[str, TensorRecord] = {}
         for shard, header in self.headers.items():
             fd = pool.get(self.shard_path(shard))
@@ -180,6 +191,7 @@ class ShardedSource:
         """Every tensor, shard by shard, through safetensors' own loader."""
         from safetensors.torch import load_file
 
+        local_only(self.display, self.remote)
         out: dict[str, Any] = {}
         for shard in dict.fromkeys(self.weight_map.values()):
             try:
@@ -193,7 +205,7 @@ class ShardedSource:
 
 
 def _detect(spec: str) -> bool:
-    if spec.endswith(INDEX_SUFFIX):
+    if spec_name(spec).endswith(INDEX_SUFFIX):
         return True
     if is_remote(spec):
         return False

@@ -45,7 +45,7 @@ def write(source: Any, edit: Edit, out: Path | None, progress: Progress | None =
     atomically. A same-format write keeps everything the edit does not touch; another
     format streams the tensors one at a time (a conversion)."""
     if getattr(source, "remote", False):
-        raise UsageError("remote sources are read-only; download first")
+        raise UsageError(f"{source.display}: remote sources are read-only; download first")
     fmt = source.format
     if fmt == "module":
         from paramctl.writers import module
