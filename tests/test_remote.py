@@ -568,3 +568,26 @@ def test_a_local_listing_imports_no_http_client(remote_root: Path) -> None:
                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stderr.strip().splitlines()[-1] == "LOADED []"
+
+
+def test_mem_and_structure_diff_work_remotely(hub: FakeHub, remote_root: Path) -> None:
+    remote = paramctl(hub, "mem", "hf://org/single", "--optimizer", "adamw", "-f", "json")
+    local = run_cli("mem", remote_root / "single" / "model.safetensors", "-f", "json")
+    assert remote.returncode == 0, remote.stderr
+    got, want = json.loads(remote.stdout), json.loads(local.stdout)
+    assert got["bytes"] == want["bytes"] and got["params"] == want["params"]
+    diff = paramctl(hub, "diff", "hf://org/single",
+                    remote_root / "single" / "model.safetensors", "--structure-only",
+                    "-f", "json")
+    assert diff.returncode == 0, diff.stderr
+    assert {r["status"] for r in json.loads(diff.stdout)["tensors"]} == {"present"}
+
+
+@pytest.mark.parametrize("args", [["stats", "hf://org/single"],
+                                  ["diff", "hf://org/single", "hf://org/single"],
+                                  ["convert", "hf://org/single", "--cast", "bf16", "-o",
+                                   "x.safetensors"]])
+def test_value_reads_and_conversions_are_refused(hub: FakeHub, args: list[str]) -> None:
+    res = paramctl(hub, *args)
+    assert res.returncode == 2, res.stderr
+    assert "remote sources are read-only; download first" in one_error_line(res)
