@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPE_SIZES", "FLOAT_DTYPES", "Change", "ChangeResult", "Edit", "InitFn", "Inventory",
-    "ParamInfo", "TensorRecord", "Totals", "tied_groups", "totals",
+    "ParamInfo", "TensorRecord", "Totals", "counted_once", "tied_groups", "totals",
 ]
 
 # Bytes per element for every dtype paramctl can describe without torch. Sub-byte and
@@ -122,16 +122,29 @@ def tied_groups(keyed: Iterable[tuple[str, Hashable]]) -> dict[str, tuple[str, .
     return {name: tuple(n for n in groups[key] if n != name) for name, key in pairs}
 
 
+def counted_once(params: Sequence[ParamInfo]) -> list[bool]:
+    """For each entry, whether it counts in sums: every untied entry does, and of a tied
+    group only the first listed member (so shared storage is counted once).
+
+    >>> [c for c in counted_once([ParamInfo("a", (2,), "float32", 2, 8, True, tied=("b",)),
+    ...                            ParamInfo("b", (2,), "float32", 2, 8, True, tied=("a",))])]
+    [True, False]
+    """
+    seen: set[str] = set()
+    out: list[bool] = []
+    for p in params:
+        out.append(not (p.tied and any(t in seen for t in p.tied)))
+        seen.add(p.name)
+    return out
+
+
 def totals(params: Sequence[ParamInfo]) -> Totals:
     """Sum a listing, counting each tied group once (by its first listed member)."""
-    seen: set[str] = set()
     numel = trainable = frozen = nbytes = 0
     by_dtype: dict[str, int] = {}
-    for p in params:
-        if p.tied and any(t in seen for t in p.tied):
-            seen.add(p.name)
+    for p, counts in zip(params, counted_once(params), strict=True):
+        if not counts:
             continue
-        seen.add(p.name)
         numel += p.numel
         nbytes += p.nbytes
         by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.nbytes

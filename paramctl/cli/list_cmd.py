@@ -33,6 +33,7 @@ Examples:
   paramctl list model.safetensors -f json | jq '.totals'
   paramctl list sample_models/mlp.py:MLP --arg hidden=64 --tree
   paramctl list ckpt.pt 'encoder.*' '!*.bias' -f names
+  paramctl list ckpt.pt -f html > model.html
 """
 
 
@@ -49,8 +50,9 @@ def list_command(
     depth: Annotated[int | None, typer.Option(
         "--depth", min=1, help="Tree depth (with --tree).")] = None,
     fmt: Annotated[str | None, typer.Option(
-        "-f", "--format", help="table, tsv, json, jsonl or names (default: table on a "
-        "terminal, tsv otherwise).", show_default=False)] = None,
+        "-f", "--format", help="table, tsv, json, jsonl, names, html (a page with a treemap "
+        "and a table) or svg (the treemap) (default: table on a terminal, tsv otherwise).",
+        show_default=False)] = None,
     headers: HeadersOpt = None,
     exclude: ExcludeOpt = None,
     allow_empty: AllowEmptyOpt = False,
@@ -65,14 +67,17 @@ def list_command(
 ) -> None:
     """Show a model's or checkpoint's parameters: shapes, dtypes, sizes, requires_grad."""
     from paramctl.core import inspect
-    from paramctl.render import FORMATS, render_inventory, render_tree
+    from paramctl.render import LIST_FORMATS, PICTURE_FORMATS, render_inventory, render_tree
 
     with handle_errors(debug):
         if trainable and frozen:
             raise UsageError("--trainable and --frozen exclude each other")
         if depth is not None and not tree:
             raise UsageError("--depth applies to --tree")
-        kind = output_format(fmt, FORMATS)
+        kind = output_format(fmt, LIST_FORMATS)
+        if kind in PICTURE_FORMATS and (tree or depth is not None):
+            raise UsageError(f"-f {kind} always draws the module tree; drop "
+                             f"{'--tree' if tree else '--depth'}")
         inv = inspect(source, patterns or [], excludes=exclude or [],
                       options=options(key, arg, Path(weights) if weights else None,
                                       unsafe_load, buffers),

@@ -1,6 +1,6 @@
 """Every output paramctl prints, by kind: ``text`` (rich tables and trees for people),
-``machine`` (TSV, JSON, JSONL, names for programs) and, beside them, pictures. Commands
-call the dispatchers here; only ``render/text.py`` imports rich."""
+``machine`` (TSV, JSON, JSONL, names for programs) and ``picture`` (an HTML page and an SVG
+treemap). Commands call the dispatchers here; only ``render/text.py`` imports rich."""
 
 from __future__ import annotations
 
@@ -9,9 +9,14 @@ from typing import TextIO
 from paramctl.model import ChangeResult, Inventory
 from paramctl.render.common import human_bytes
 
-__all__ = ["FORMATS", "human_bytes", "render_changes", "render_inventory", "render_tree"]
+__all__ = [
+    "FORMATS", "LIST_FORMATS", "PICTURE_FORMATS", "human_bytes", "render_changes",
+    "render_inventory", "render_tree",
+]
 
 FORMATS = ("table", "tsv", "json", "jsonl", "names")
+PICTURE_FORMATS = ("html", "svg")
+LIST_FORMATS = (*FORMATS, *PICTURE_FORMATS)
 
 
 def render_inventory(inv: Inventory, fmt: str, out: TextIO, *, headers: bool = True,
@@ -20,6 +25,10 @@ def render_inventory(inv: Inventory, fmt: str, out: TextIO, *, headers: bool = T
         from paramctl.render import text
 
         text.inventory(inv, out, headers=headers, width=width)
+    elif fmt in PICTURE_FORMATS:
+        from paramctl.render import picture
+
+        out.write(picture.list_html(inv) if fmt == "html" else picture.list_svg(inv))
     else:
         from paramctl.render import machine
 

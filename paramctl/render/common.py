@@ -11,8 +11,8 @@ from typing import Any
 from paramctl.model import FLOAT_DTYPES, ChangeResult, ParamInfo, totals
 
 __all__ = [
-    "TreeRow", "action_text", "human_bytes", "param_record", "pct", "summary_line",
-    "totals_record", "tree_rows",
+    "TRAINABLE_WORDS", "TreeRow", "action_text", "grad_bits", "human_bytes", "param_record",
+    "pct", "summary_line", "totals_record", "tree_rows",
 ]
 
 
@@ -47,6 +47,18 @@ def totals_record(params: Sequence[ParamInfo]) -> dict[str, Any]:
     t = totals(params)
     return {"numel": t.numel, "trainable": t.trainable, "frozen": t.frozen, "bytes": t.nbytes,
             "by_dtype": dict(sorted(t.by_dtype.items()))}
+
+
+def grad_bits(p: ParamInfo) -> int:
+    """1 for a trainable parameter, 2 for a frozen one, 0 for neither (a buffer, or not
+    floating point). OR-ed over a module's tensors it gives the module's state: 0 none,
+    1 trainable, 2 frozen, 3 partial (``TRAINABLE_WORDS`` names them for ``--tree``)."""
+    if p.buffer or p.dtype not in FLOAT_DTYPES:
+        return 0
+    return 1 if p.requires_grad else 2
+
+
+TRAINABLE_WORDS = ("-", "yes", "no", "partial")
 
 
 @dataclass
@@ -85,9 +97,10 @@ def tree_rows(params: Sequence[ParamInfo], depth: int | None = None) -> list[Tre
         key = stack.pop()
         group = members[key]
         t = totals(group)
-        flags = {p.requires_grad for p in group if p.dtype in FLOAT_DTYPES and not p.buffer}
-        state = "-" if not flags else "partial" if len(flags) == 2 else (
-            "yes" if flags.pop() else "no")
+        bits = 0
+        for p in group:
+            bits |= grad_bits(p)
+        state = TRAINABLE_WORDS[bits]
         rows.append(TreeRow(key or "(all)", 0 if not key else key.count(".") + 1, t.numel,
                             t.nbytes, state))
         stack.extend(reversed(children[key]))
