@@ -259,3 +259,12 @@ def test_torchrun_ranks_equal_single_process(tmp_path: Path) -> None:
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert ranked.returncode == 0, ranked.stderr[-2000:]
     assert ranked.stdout == single.stdout
+
+
+def test_diff_html_page_is_self_contained(pair: tuple[Path, Path, dict, dict]) -> None:
+    pa, pb, _, _ = pair
+    res = run_cli("diff", pa, pb, "-f", "html")
+    assert res.returncode == 0, res.stderr
+    page = res.stdout
+    assert page.startswith("<!DOCTYPE html>") and "changed.w" in page
+    assert "http://" not in page and "https://" not in page
