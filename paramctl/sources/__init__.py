@@ -1,12 +1,13 @@
 """Checkpoint formats behind one protocol; importing this package registers them all.
 
 Each format is one reader module that calls :func:`~paramctl.sources.base.register`;
-:func:`open_source` picks the first whose detector accepts the spec.
+:func:`open_source` picks the first whose detector accepts the spec (after a folder holding
+one weights file is resolved to that file: :mod:`paramctl.sources.folder`).
 """
 
 from __future__ import annotations
 
-from paramctl.sources import dcp, module, pt, safetensors, sharded
+from paramctl.sources import dcp, module, pt, safetensors, sharded, sharded_bin
 from paramctl.sources.base import (
     Edit,
     FileSource,
@@ -15,16 +16,18 @@ from paramctl.sources.base import (
     detect_format,
     openers,
 )
+from paramctl.sources.folder import resolve_folder
 
 __all__ = [
     "Edit", "FileSource", "OpenOptions", "Source", "dcp", "module", "open_source", "pt",
-    "safetensors", "sharded",
+    "safetensors", "sharded", "sharded_bin",
 ]
 
 
 def open_source(spec: str, options: OpenOptions | None = None) -> Source:
     """Open ``spec`` with the first format whose detector accepts it."""
     options = options or OpenOptions()
+    spec = resolve_folder(spec)
     fmt = detect_format(spec)
     for name, _, opener in openers():
         if name == fmt:
