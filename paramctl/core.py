@@ -55,7 +55,10 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
     params = [p for p in view.params if p.name in chosen
               and (trainable is None or (p.requires_grad == trainable and not p.buffer
                                          and p.dtype in FLOAT_DTYPES))]
-    return Inventory(view.source.display, view.source.format, params)
+    # Optional: what a source says about itself beyond its tensors (a PEFT adapter's config).
+    describe = getattr(view.source, "extra", None)
+    return Inventory(view.source.display, view.source.format, params,
+                     describe() if describe is not None else None)
 
 
 def mem(spec: str, *, optimizer: str = "adamw", precision: str = "fp32", shards: int = 1,
@@ -127,7 +130,10 @@ def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
                 for name, via in _expand_tied(chosen, view):
                     p = info[name]
                     if p.buffer and view.source.format != "module":
-                        raise OperationError(f"cannot initialise buffer {name}")
+                        raise OperationError(
+                            f"cannot initialise buffer {name} ({p.dtype}): a file's "
+                            "buffers (running statistics, position ids) are not "
+                            "parameters; narrow the pattern to leave it out")
                     check_applies(rule, name, p.shape, p.dtype, FLOAT_DTYPES)
                     inits[name] = (rule, via)
     changes: list[Change] = []

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "DTYPE_SIZES", "FLOAT_DTYPES", "Change", "ChangeResult", "Edit", "InitFn", "Inventory",
-    "ParamInfo", "TensorRecord", "Totals", "counted_once", "tied_groups", "totals",
+    "BUFFER_NAMES", "DTYPE_SIZES", "FLOAT_DTYPES", "Change", "ChangeResult", "Edit", "InitFn",
+    "Inventory", "ParamInfo", "TensorRecord", "Totals", "counted_once", "mark_buffers",
+    "tied_groups", "totals",
 ]
 
 # Bytes per element for every dtype paramctl can describe without torch. Sub-byte and
@@ -95,6 +96,43 @@ class ParamInfo:
         return "x".join(str(d) for d in self.shape) if self.shape else "scalar"
 
 
+# A file stores tensors, not modules: these last name parts are buffers wherever they occur
+# (DESIGN, "What trainable means in a file"). Only names that torch, transformers, timm or
+# fairseq register as buffers and never as parameters belong here; ambiguous ones (GPT-2's
+# causal mask ``attn.bias``, FrozenBatchNorm's ``weight``) stay out, since ``bias`` and
+# ``weight`` are almost always parameters. README.md documents the list.
+BUFFER_NAMES = frozenset({
+    "running_mean",             # BatchNorm / InstanceNorm running statistics
+    "running_var",
+    "num_batches_tracked",
+    "inv_freq",                 # rotary embeddings (transformers' RotaryEmbedding)
+    "original_inv_freq",
+    "position_ids",             # BERT-style embeddings
+    "token_type_ids",
+    "masked_bias",              # GPT-2 (transformers 4.x) attention mask constant
+    "causal_mask",              # older Llama-style attention masks
+    "final_logits_bias",        # BART / Marian / Pegasus output bias (a registered buffer)
+    "relative_position_index",  # Swin relative position tables
+    "relative_coords_table",
+    "_float_tensor",            # fairseq sinusoidal positional embeddings
+})
+
+_BUFFER_ENDINGS = tuple(BUFFER_NAMES)  # a cheap first test for 100,000-tensor listings
+
+
+def mark_buffers(params: Iterable[ParamInfo]) -> list[ParamInfo]:
+    """``params`` with every tensor whose last name part is in :data:`BUFFER_NAMES` marked
+    a buffer (never trainable). What a reader already marked a buffer stays one.
+
+    >>> mark_buffers([ParamInfo("bn.running_mean", (8,), "float32", 8, 32, True)])[0].buffer
+    True
+    """
+    return [replace(p, buffer=True, requires_grad=False)
+            if not p.buffer and p.name.endswith(_BUFFER_ENDINGS)
+            and p.name.rsplit(".", 1)[-1] in BUFFER_NAMES else p
+            for p in params]
+
+
 @dataclass(frozen=True)
 class Totals:
     """Counts over a listing; tied tensors are counted once. ``trainable`` and ``frozen``
@@ -165,6 +203,9 @@ class Inventory:
     source: str
     format: str
     params: list[ParamInfo]
+    # What a source says about itself beyond its tensors, by topic: {"adapter": {...}}
+    # for a PEFT adapter. None for most sources (and then absent from JSON).
+    extra: dict[str, Any] | None = None
 
 
 # Called with (name, tensor) for every tensor the edit initialises; changes it in place.

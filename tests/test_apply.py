@@ -204,7 +204,7 @@ ERRORS = [
     ('freeze = "layers"\n', 2, ["'freeze'"]),
     ("", 2, ["[[rule]]"]),
     ('[[rule]]\nfreeze = "nothing.here"\n', 3, ["nothing.here"]),
-    ('[[rule]]\ninit = "*=zeros"\n', 1, ["num_batches_tracked"]),
+    ('[[rule]]\ninit = "*=zeros"\n', 1, ["cannot initialise buffer features.1.running_mean"]),
     ('[[rule]]\nfreeze = "features"\n[[rule]]\ninit = "features.0.bias=eye"\n', 1,
      ["features.0.bias"]),
 ]

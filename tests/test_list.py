@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from paramctl.cli import app
 from paramctl.core import inspect
-from paramctl.model import FLOAT_DTYPES, ParamInfo
+from paramctl.model import BUFFER_NAMES, FLOAT_DTYPES, ParamInfo
 from paramctl.sources.base import OpenOptions
 from sample_models.cnn import SmallCNN
 from sample_models.llama import Llama
@@ -87,6 +87,11 @@ def records(tensors: list[tuple[str, torch.Tensor]], frozen: set[str], *,
     return out
 
 
+def file_buffers(tensors: list[tuple[str, torch.Tensor]]) -> frozenset[str]:
+    """A file's buffers: the names whose last part is a documented buffer name."""
+    return frozenset(n for n, _ in tensors if n.rsplit(".", 1)[-1] in BUFFER_NAMES)
+
+
 def torch_file_records(path: Path, key: str | None = None) -> list[dict[str, Any]]:
     """Records for a checkpoint as torch reads it (file order for .pt)."""
     if path.suffix == ".safetensors":
@@ -94,12 +99,12 @@ def torch_file_records(path: Path, key: str | None = None) -> list[dict[str, Any
             meta = f.metadata() or {}
             tensors = [(k, f.get_tensor(k)) for k in f.keys()]  # noqa: SIM118
         frozen = set(json.loads(meta.get("paramctl.frozen", "[]")))
-        return records(tensors, frozen)
+        return records(tensors, frozen, buffers=file_buffers(tensors))
     obj = torch.load(path, map_location="cpu", weights_only=True)
     state = obj[key] if key is not None else obj
     tensors = [(str(k), v) for k, v in state.items() if isinstance(v, torch.Tensor)]
     frozen = {k for k, v in tensors if isinstance(v, nn.Parameter) and not v.requires_grad}
-    return records(tensors, frozen)
+    return records(tensors, frozen, buffers=file_buffers(tensors))
 
 
 def module_records(model: nn.Module, *, buffers: bool = False) -> list[dict[str, Any]]:
@@ -226,14 +231,19 @@ def test_inspect_matches_torch(samples_dir: Path, model: str, ext: str) -> None:
 
 
 def test_file_requires_grad_semantics(samples_dir: Path) -> None:
-    """Floats in a plain state dict are trainable; num_batches_tracked (int64) is not."""
+    """Floats in a plain state dict are trainable, except buffers known by name
+    (running_mean); num_batches_tracked (int64) is not trainable either way."""
     doc = list_json(samples_dir / "cnn.pt")
     flags = {p["name"]: p["requires_grad"] for p in doc["parameters"]}
+    buffers = {p["name"] for p in doc["parameters"] if p["buffer"]}
     assert flags["features.1.num_batches_tracked"] is False
     assert flags["features.4.num_batches_tracked"] is False
-    assert flags["features.1.running_mean"] is True  # a float tensor in a file
+    assert flags["features.1.running_mean"] is False  # a buffer, by its name
+    assert buffers == {f"features.{i}.{b}" for i in (1, 4)
+                       for b in ("running_mean", "running_var", "num_batches_tracked")}
     assert flags["classifier.weight"] is True
-    assert doc["totals"]["frozen"] == 0  # integer tensors never train, nor are "frozen"
+    assert doc["totals"]["frozen"] == 0  # buffers and integer tensors never train, nor are
+    # they "frozen"
 
 
 def test_tied_in_pt_file(samples_dir: Path) -> None:

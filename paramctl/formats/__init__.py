@@ -7,6 +7,7 @@ without importing each other: ``sources -> formats -> io`` and ``writers -> form
 from __future__ import annotations
 
 __all__ = [
+    "BIN_INDEX_SUFFIX",
     "DCP_FROZEN_FILE",
     "DCP_METADATA",
     "FROZEN_KEY",
@@ -19,6 +20,8 @@ __all__ = [
 PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
 # Hugging Face sharded safetensors index.
 INDEX_SUFFIX = ".safetensors.index.json"
+# Hugging Face sharded torch checkpoint index (pytorch_model.bin.index.json).
+BIN_INDEX_SUFFIX = ".bin.index.json"
 # Where paramctl records frozen names: safetensors __metadata__ and sharded index metadata.
 FROZEN_KEY = "paramctl.frozen"
 # DCP folders: torch's metadata file, and paramctl's sidecar with the frozen names.

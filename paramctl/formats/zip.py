@@ -74,10 +74,12 @@ def read_records(reader: ByteReader, *,
         if info.compress_type != zipfile.ZIP_STORED:
             raise CorruptFileError(f"{path}: record {name} is compressed; torch "
                                    "checkpoints store records uncompressed")
+        # torch never encrypts and never writes a name twice: either means damage.
         if info.flag_bits & 0x1:
-            raise CorruptFileError(f"{path}: record {name} is encrypted")
+            raise CorruptFileError(_encrypted(path, name))
         if info.filename in seen:
-            raise CorruptFileError(f"{path}: duplicate record {name}")
+            raise CorruptFileError(f"{path}: record {name} appears twice: the file is "
+                                   "corrupt (torch writes each record once)")
         seen.add(info.filename)
         if not 0 <= info.header_offset <= file_size - _LOCAL.size:
             raise CorruptFileError(f"{path}: truncated (record {name} is cut off)")
@@ -93,9 +95,18 @@ def read_records(reader: ByteReader, *,
             raise CorruptFileError(f"{path}: truncated (record {name} is cut off)")
         fields = _LOCAL.unpack(header)
         if fields[0] != _LOCAL_SIG:
-            raise CorruptFileError(f"{path}: bad local header for record {name}")
+            raise CorruptFileError(f"{path}: bad local header for record {name}: the file "
+                                   "is corrupt")
+        if fields[2] & 0x1:
+            raise CorruptFileError(_encrypted(path, name))
+        if info.compress_size != info.file_size:
+            # A stored (uncompressed) record has one size; two differing ones is damage.
+            raise CorruptFileError(
+                f"{path}: record {name} has two different sizes ({info.compress_size} "
+                f"stored, {info.file_size} uncompressed) though it is not compressed: the "
+                "file is corrupt")
         data_offset = info.header_offset + _LOCAL.size + fields[9] + fields[10]
-        if data_offset + info.file_size > file_size or info.compress_size != info.file_size:
+        if data_offset + info.file_size > file_size:
             raise CorruptFileError(f"{path}: truncated (record {name} extends past "
                                    "the end of the file)")
         records.append(Record(info.filename, data_offset, info.file_size, info.CRC,
@@ -103,8 +114,14 @@ def read_records(reader: ByteReader, *,
     records.sort(key=lambda r: r.offset)
     for prev, cur in itertools.pairwise(r for r in records if r.offset >= 0):
         if prev.offset + prev.size > cur.offset:
-            raise CorruptFileError(f"{path}: records {prev.name!r} and {cur.name!r} overlap")
+            raise CorruptFileError(f"{path}: records {prev.name!r} and {cur.name!r} overlap: "
+                                   "the file is corrupt")
     return records
+
+
+def _encrypted(path: str, name: str) -> str:
+    return (f"{path}: record {name} has the encryption flag set: the file is corrupt "
+            "(torch never encrypts records)")
 
 
 def _dos_time(dt: tuple[int, int, int, int, int, int]) -> tuple[int, int]:

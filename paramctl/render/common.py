@@ -125,7 +125,8 @@ def summary_line(result: ChangeResult, *, dry_run: bool) -> str:
     if result.unchanged:
         parts.append(f"{len(result.unchanged)} already in that state")
     if result.skipped:
-        parts.append(f"{len(result.skipped)} skipped (not floating-point, never trainable)")
+        parts.append(f"{len(result.skipped)} skipped (buffers or not floating-point: never "
+                     "trainable)")
     parts.extend(result.notes)
     text = "; ".join(parts)
     if dry_run:

@@ -20,6 +20,8 @@ def inventory(inv: Inventory, fmt: str, out: TextIO, *, headers: bool = False) -
         doc = {"source": inv.source, "format": inv.format,
                "parameters": [param_record(p) for p in params],
                "totals": totals_record(params)}
+        if inv.extra:
+            doc.update(inv.extra)  # e.g. "adapter": only when the source has one
         out.write(json.dumps(doc, indent=2) + "\n")
     elif fmt == "jsonl":
         for p in params:

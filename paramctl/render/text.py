@@ -54,7 +54,7 @@ def inventory(inv: Inventory, out: TextIO, *, headers: bool, width: int | None) 
     console = _console(out, width)
     console.print(table)
     if headers:
-        for line in footer_lines(params):
+        for line in footer_lines(params) + extra_lines(inv):
             console.print(line)
 
 
@@ -75,6 +75,30 @@ def footer_lines(params: Sequence[ParamInfo]) -> list[str]:
     lines.append(f"training AdamW fp32: {human_bytes(estimate(params).bytes.total)} "
                  "(with this frozen set)")
     return lines
+
+
+def extra_lines(inv: Inventory) -> list[str]:
+    """Footer lines for what the source says about itself: a PEFT adapter's config."""
+    adapter = (inv.extra or {}).get("adapter")
+    if not isinstance(adapter, dict):
+        return []
+    kind = adapter.get("peft_type") or "PEFT"
+    label = "LoRA" if kind == "LORA" else str(kind)
+    parts = []
+    for key in ("r", "lora_alpha", "target_modules"):
+        value = adapter.get(key)
+        if value is not None:
+            shown = ", ".join(value) if isinstance(value, list) else str(value)
+            parts.append(f"{key}={shown}")
+    base = adapter.get("base_model_name_or_path")
+    if base:
+        parts.append(f"base model {base}")
+    from rich.markup import escape
+
+    # Values come from the file: keep them one line, and never read as rich markup.
+    text = "".join(c if c.isprintable() else " " for c in f"{label} adapter: "
+                   f"{', '.join(parts)}")
+    return [escape(text)]
 
 
 def tree(inv: Inventory, out: TextIO, *, depth: int | None = None, headers: bool = True,

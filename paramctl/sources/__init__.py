@@ -1,7 +1,8 @@
 """Checkpoint formats behind one protocol; importing this package registers them all.
 
 Each format is one reader module that calls :func:`~paramctl.sources.base.register`;
-:func:`open_source` picks the first whose detector accepts the spec. Remote specs
+:func:`open_source` picks the first whose detector accepts the spec (after a folder holding
+one weights file is resolved to that file: :mod:`paramctl.sources.folder`). Remote specs
 (``https://``, ``hf://``) reach the same readers through :mod:`paramctl.io.hub`, which
 registers their byte readers; ``hf://ORG/REPO`` is first resolved to its weights file.
 """
@@ -9,7 +10,7 @@ registers their byte readers; ``hf://ORG/REPO`` is first resolved to its weights
 from __future__ import annotations
 
 from paramctl.io import hub
-from paramctl.sources import dcp, module, pt, safetensors, sharded
+from paramctl.sources import dcp, module, pt, safetensors, sharded, sharded_bin
 from paramctl.sources.base import (
     Edit,
     FileSource,
@@ -18,10 +19,11 @@ from paramctl.sources.base import (
     detect_format,
     openers,
 )
+from paramctl.sources.folder import resolve_folder
 
 __all__ = [
     "Edit", "FileSource", "OpenOptions", "Source", "dcp", "module", "open_source", "pt",
-    "safetensors", "sharded",
+    "safetensors", "sharded", "sharded_bin",
 ]
 
 
@@ -29,6 +31,7 @@ def open_source(spec: str, options: OpenOptions | None = None) -> Source:
     """Open ``spec`` with the first format whose detector accepts it."""
     options = options or OpenOptions()
     spec = hub.resolve(spec)
+    spec = resolve_folder(spec)
     fmt = detect_format(spec)
     for name, _, opener in openers():
         if name == fmt:

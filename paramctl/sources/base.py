@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from paramctl.errors import SourceError, UsageError
 from paramctl.io.reader import is_remote, spec_name
 from paramctl.model import Edit, InitFn, ParamInfo, TensorRecord
+from paramctl.sources.sniff import sniff
 
 if TYPE_CHECKING:
     from paramctl.io.files import FdPool
@@ -24,6 +25,7 @@ __all__ = [
     "TensorRecord",
     "detect_format",
     "local_only",
+    "open_as",
     "openers",
     "register",
 ]
@@ -76,6 +78,8 @@ def register(fmt: str, detect: Detector, opener: Opener) -> None:
 
 
 def detect_format(spec: str) -> str:
+    """The first registered format whose detector accepts ``spec`` (by name); else, for an
+    existing file, the format its first bytes show (``.pth.tar``, ``.pkl``, no extension)."""
     for fmt, detect, _ in _REGISTRY:
         if detect(spec):
             return fmt
@@ -87,17 +91,22 @@ def detect_format(spec: str) -> str:
                           ".safetensors.index.json, .pt, .pth, .bin or .ckpt file")
     if os.path.isdir(spec):
         raise SourceError(
-            f"{spec} is a directory without a *.safetensors.index.json or a .metadata file; "
-            "name a checkpoint file, a sharded index, a DCP folder or a module path"
+            f"{spec} is a directory without a checkpoint paramctl recognises (a sharded "
+            "index, a DCP .metadata file or a single weights file); name a checkpoint file, "
+            "a sharded index, a DCP folder or a module path"
         )
     if not os.path.exists(spec):
         if ":" in spec:
             raise SourceError(f"bad module path {spec!r}: expected pkg.module:attr or "
                               "path/to/file.py:attr (attr a class, factory or instance)")
         raise SourceError(f"no such file: {spec}")
+    found = sniff(spec)
+    if found is not None and any(fmt == found for fmt, _, _ in _REGISTRY):
+        return found
     raise SourceError(
-        f"{spec}: unknown checkpoint type; expected .pt .pth .bin .ckpt .safetensors, a "
-        "sharded index, a DCP folder or a module path like pkg.mod:Model"
+        f"{spec}: unknown checkpoint type (neither its name nor its first bytes match a "
+        "format paramctl reads); expected a torch zip (.pt .pth .bin .ckpt, or any name), "
+        ".safetensors, a sharded index, a DCP folder or a module path like pkg.mod:Model"
     )
 
 
@@ -105,6 +114,16 @@ def local_only(display: str, remote: bool) -> None:
     """Refuse to read tensor values of a remote source (only metadata is fetched)."""
     if remote:
         raise UsageError(f"{display}: remote sources are read-only; download first")
+
+
+def open_as(fmt: str, spec: str, options: OpenOptions) -> Source:
+    """Open ``spec`` with the reader registered as ``fmt``, whatever its name: how a
+    format built from files of another (the shards of a sharded ``.bin``) reads them
+    without importing that format's module."""
+    for name, _, opener in _REGISTRY:
+        if name == fmt:
+            return opener(spec, options)
+    raise AssertionError(f"format {fmt!r} is not registered")
 
 
 def openers() -> list[tuple[str, Detector, Opener]]:

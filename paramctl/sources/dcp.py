@@ -22,7 +22,7 @@ from typing import Any
 from paramctl.errors import CorruptFileError, OperationError, SourceError, UnsafeFileError
 from paramctl.formats import DCP_FROZEN_FILE, DCP_METADATA
 from paramctl.io.files import FdPool
-from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, Edit, ParamInfo, TensorRecord
+from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, Edit, ParamInfo, TensorRecord, mark_buffers
 from paramctl.sources.base import OpenOptions, register
 from paramctl.sources.pickle_vm import (
     _DTYPE_ALIASES,
@@ -256,7 +256,7 @@ class DcpSource:
                 name=e.name, shape=e.shape, dtype=e.dtype, numel=numel,
                 nbytes=numel * DTYPE_SIZES.get(e.dtype, 1),
                 requires_grad=e.dtype in FLOAT_DTYPES and e.name not in self.frozen))
-        return out
+        return mark_buffers(out)
 
     def total_bytes(self) -> int:
         return sum(p.nbytes for p in self.params())

@@ -20,7 +20,15 @@ from paramctl.formats import PT_EXTENSIONS
 from paramctl.formats.zip import Record, read_records
 from paramctl.io.files import FdPool, read_exact
 from paramctl.io.reader import ByteReader, LocalReader, is_remote, open_reader, spec_name
-from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo, TensorRecord, tied_groups
+from paramctl.model import (
+    DTYPE_SIZES,
+    FLOAT_DTYPES,
+    ParamInfo,
+    TensorRecord,
+    mark_buffers,
+    tied_groups,
+)
+from paramctl.sources.adapter import adapter_extra
 from paramctl.sources.base import OpenOptions, local_only, register
 from paramctl.sources.pickle_vm import ParsedPickle, TensorRef, parse_pickle
 from paramctl.sources.statedict import find_state_dict
@@ -194,7 +202,7 @@ class PtSource:
                 requires_grad=ref.dtype in FLOAT_DTYPES and not frozen,
                 tied=tied[name],
             ))
-        return out
+        return mark_buffers(out)
 
     @staticmethod
     def _identity(ref: TensorRef) -> tuple[Any, ...]:
@@ -202,6 +210,10 @@ class PtSource:
 
     def total_bytes(self) -> int:
         return self.file_size
+
+    def extra(self) -> dict[str, Any] | None:
+        """``{"adapter": ...}`` for a PEFT ``adapter_model.bin``."""
+        return None if self.remote else adapter_extra(self.path)
 
     # -- tensor bytes ------------------------------------------------------------------
     def records(self, pool: FdPool) -> list[TensorRecord]:
@@ -280,9 +292,10 @@ class UnsafePtSource:
         tied = tied_groups(
             (name, (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape)))
             for name, t in self.state.items())
-        return [tensor_info(name, t, tied=tied[name], trainable=not (
-                    isinstance(t, torch.nn.Parameter) and not t.requires_grad))
-                for name, t in self.state.items()]
+        return mark_buffers(
+            tensor_info(name, t, tied=tied[name], trainable=not (
+                isinstance(t, torch.nn.Parameter) and not t.requires_grad))
+            for name, t in self.state.items())
 
     def total_bytes(self) -> int:
         return sum(p.nbytes for p in self.params())

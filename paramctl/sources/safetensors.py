@@ -14,7 +14,8 @@ from paramctl.errors import CorruptFileError, SourceError
 from paramctl.formats.safetensors import Header, TensorEntry, header_records, read_header
 from paramctl.io.files import FdPool
 from paramctl.io.reader import LocalReader, is_remote, open_reader, spec_name
-from paramctl.model import FLOAT_DTYPES, Edit, ParamInfo, TensorRecord
+from paramctl.model import FLOAT_DTYPES, Edit, ParamInfo, TensorRecord, mark_buffers
+from paramctl.sources.adapter import adapter_extra
 from paramctl.sources.base import OpenOptions, local_only, register
 
 __all__ = ["SafetensorsSource"]
@@ -44,17 +45,21 @@ class SafetensorsSource:
             raise CorruptFileError(f"{path}: {exc}") from None
 
     def params(self) -> list[ParamInfo]:
-        return [
+        return mark_buffers(
             ParamInfo(
                 name=e.name, shape=e.shape, dtype=e.dtype, numel=e.numel,
                 nbytes=e.end - e.begin,
                 requires_grad=e.dtype in FLOAT_DTYPES and e.name not in self.frozen,
             )
             for e in self.header.tensors
-        ]
+        )
 
     def total_bytes(self) -> int:
         return self.file_size
+
+    def extra(self) -> dict[str, Any] | None:
+        """``{"adapter": ...}`` for a PEFT ``adapter_model.safetensors``."""
+        return None if self.remote else adapter_extra(self.path)
 
     def new_frozen(self, edit: Edit) -> set[str]:
         return edit.frozen_after(self.frozen, self.entries)

@@ -7,22 +7,22 @@ the index, ``metadata["paramctl.frozen"]`` (a JSON array of names), so ``freeze`
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from paramctl.errors import CorruptFileError, SourceError
-from paramctl.formats import FROZEN_KEY, INDEX_SUFFIX
+from paramctl.formats import INDEX_SUFFIX
+from paramctl.formats.hf_index import find_index as _find_index
+from paramctl.formats.hf_index import index_frozen, read_index
 from paramctl.formats.safetensors import Header, TensorEntry, header_records, read_header
 from paramctl.io.files import FdPool, FileIdentity
 from paramctl.io.reader import LocalReader, is_remote, join, open_reader, spec_name
-from paramctl.model import FLOAT_DTYPES, Edit, ParamInfo, TensorRecord
+from paramctl.model import FLOAT_DTYPES, Edit, ParamInfo, TensorRecord, mark_buffers
 from paramctl.sources.base import OpenOptions, local_only, register
 
 __all__ = ["INDEX_SUFFIX", "ShardedSource"]
 
-MAX_INDEX_BYTES = 256 << 20
 # Remote shard headers fetched at once: each costs a round trip, so they overlap. 16, not
 # DESIGN's "about 8": with 50 ms a request, 160 shards take 1.5 s at 8 (over the contract's
 # 0.5 x huggingface_hub), 0.94 s at 16 and no less at 32 (benchmarks/run.py, "list remote
@@ -31,42 +31,7 @@ REMOTE_FETCHES = 16
 
 
 def find_index(spec: str) -> Path:
-    path = Path(spec)
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.name.endswith(INDEX_SUFFIX))
-        if not found:
-            raise SourceError(f"{spec}: no *{INDEX_SUFFIX} in this folder")
-        if len(found) > 1:
-            raise SourceError(f"{spec}: several index files ({', '.join(p.name for p in found)});"
-                              " name one")
-        return found[0]
-    return path
-
-
-def _read_index(spec: str) -> dict[str, Any]:
-    reader = open_reader(spec)
-    try:
-        if reader.size > MAX_INDEX_BYTES:
-            raise CorruptFileError(f"{spec}: index file is implausibly large")
-        raw = reader.pread(reader.size, 0)
-    finally:
-        reader.close()
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptFileError(f"{spec}: not a valid index file ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
-        raise CorruptFileError(f"{spec}: index has no 'weight_map' object")
-    wm = doc["weight_map"]
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
-        raise CorruptFileError(f"{spec}: 'weight_map' must map names to shard file names")
-    for shard in set(wm.values()):
-        if os.path.isabs(shard) or ".." in Path(shard).parts:
-            raise CorruptFileError(f"{spec}: shard {shard!r} points outside the folder")
-    meta = doc.get("metadata", {})
-    if meta is not None and not isinstance(meta, dict):
-        raise CorruptFileError(f"{spec}: 'metadata' must be an object")
-    return doc
+    return _find_index(spec, INDEX_SUFFIX)
 
 
 class ShardedSource:
@@ -82,7 +47,7 @@ class ShardedSource:
         self.base = index_spec.rsplit("/", 1)[0] if self.remote else str(self.folder)
         if options.key:
             raise SourceError("--key applies to torch checkpoints")
-        self.index = _read_index(index_spec)
+        self.index = read_index(index_spec)
         self.weight_map: dict[str, str] = self.index["weight_map"]
         self.headers: dict[str, Header] = {}
         self.sizes: dict[str, int] = {}
@@ -107,19 +72,7 @@ class ShardedSource:
         self.frozen = self._frozen()
 
     def _frozen(self) -> set[str]:
-        meta = self.index.get("metadata") or {}
-        raw = meta.get(FROZEN_KEY)
-        if raw is None:
-            return set()
-        if isinstance(raw, str):
-            try:
-                raw = json.loads(raw)
-            except ValueError:
-                raw = None
-        if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
-            raise CorruptFileError(f"{self.index_spec}: metadata[{FROZEN_KEY!r}] is not a list "
-                                   "of names")
-        return set(raw)
+        return index_frozen(self.index, self.index_spec)
 
     def params(self) -> list[ParamInfo]:
         out = []
@@ -128,7 +81,7 @@ class ShardedSource:
             out.append(ParamInfo(name=name, shape=e.shape, dtype=e.dtype, numel=e.numel,
                                  nbytes=e.end - e.begin,
                                  requires_grad=e.dtype in FLOAT_DTYPES and name not in self.frozen))
-        return out
+        return mark_buffers(out)
 
     def total_bytes(self) -> int:
         return sum(self.sizes.values())
@@ -205,12 +158,12 @@ class ShardedSource:
 
 
 def _detect(spec: str) -> bool:
-    if spec_name(spec).endswith(INDEX_SUFFIX):
+    if spec_name(spec).lower().endswith(INDEX_SUFFIX):
         return True
     if is_remote(spec):
         return False
     path = Path(spec)
-    return path.is_dir() and any(p.name.endswith(INDEX_SUFFIX) for p in path.iterdir())
+    return path.is_dir() and any(p.name.lower().endswith(INDEX_SUFFIX) for p in path.iterdir())
 
 
 register("safetensors-sharded", _detect, ShardedSource)

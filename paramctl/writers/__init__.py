@@ -26,7 +26,7 @@ __all__ = ["output_kind", "write", "write_converted"]
 
 def output_kind(out: Path) -> str:
     """``safetensors``, ``pt`` or ``folder`` for an ``-o`` path."""
-    if out.suffix == ".safetensors":
+    if out.suffix.lower() == ".safetensors":
         return "safetensors"
     if out.suffix.lower() in PT_EXTENSIONS:
         return "pt"
@@ -37,7 +37,7 @@ def output_kind(out: Path) -> str:
 
 
 _NATIVE = {"pt": "pt", "safetensors": "safetensors", "safetensors-sharded": "folder",
-           "dcp": "folder"}
+           "pt-sharded": "folder", "dcp": "folder"}
 
 
 def write(source: Any, edit: Edit, out: Path | None, progress: Progress | None = None) -> Path:
@@ -53,7 +53,8 @@ def write(source: Any, edit: Edit, out: Path | None, progress: Progress | None =
         return module.rewrite(source, edit, out)
     if fmt == "gguf":
         raise UsageError(f"{source.display}: GGUF files are read-only in paramctl")
-    kind = output_kind(out) if out is not None else _NATIVE[fmt]
+    kind = output_kind(out) if out is not None and not _same_suffix(source, out) \
+        else _NATIVE[fmt]
     if kind == _NATIVE[fmt]:
         if fmt == "pt":
             from paramctl.writers import pt
@@ -69,10 +70,22 @@ def write(source: Any, edit: Edit, out: Path | None, progress: Progress | None =
             from paramctl.writers import sharded
 
             return sharded.rewrite(source, edit, out, progress)
+        if fmt == "pt-sharded":
+            from paramctl.writers import sharded_bin
+
+            return sharded_bin.rewrite(source, edit, out, progress)
         from paramctl.writers import dcp
 
         return dcp.rewrite(source, edit, out, progress)
     return convert(source, edit, out or Path(), kind, progress)
+
+
+def _same_suffix(source: Any, out: Path) -> bool:
+    """``-o`` named like a single-file source (``ckpt.pth.tar`` -> ``new.pth.tar``, a
+    ``.pkl`` found to be a torch zip by its content) is written in the source's format."""
+    path = getattr(source, "path", None)
+    return source.format in ("pt", "safetensors") and isinstance(path, Path) and \
+        out.suffix != "" and out.suffix.lower() == path.suffix.lower()
 
 
 def _metadata(source: Any) -> dict[str, str]:

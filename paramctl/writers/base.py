@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
-from paramctl.errors import SourceError
+from paramctl.errors import SourceError, UsageError
 from paramctl.io.files import read_exact
 from paramctl.model import Edit, InitFn, TensorRecord
 
-__all__ = ["Progress", "edited", "record_bytes", "source_gone"]
+__all__ = ["Progress", "edited", "new_folder", "record_bytes", "source_gone"]
 
 Progress = Callable[[int], None]
 
@@ -55,3 +56,10 @@ def edited(records: Iterable[TensorRecord], edit: Edit, frozen: set[str]
 
 def source_gone(display: str) -> SourceError:
     return SourceError(f"{display} disappeared while paramctl was reading it")
+
+
+def new_folder(out: Path) -> None:
+    """``-o FOLDER`` must be new or empty: never mix shards of two checkpoints."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"-o {out} exists and is not an empty folder; name a new folder")
+    out.mkdir(parents=True, exist_ok=True)

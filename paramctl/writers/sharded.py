@@ -14,10 +14,11 @@ from typing import Any, Protocol
 
 from paramctl.errors import UsageError
 from paramctl.formats import FROZEN_KEY, INDEX_SUFFIX
+from paramctl.formats.hf_index import index_doc
 from paramctl.formats.safetensors import Header
 from paramctl.io.files import FileIdentity, atomic_write, copy_range, locked
 from paramctl.model import Edit, TensorRecord
-from paramctl.writers.base import Progress
+from paramctl.writers.base import Progress, new_folder
 from paramctl.writers.safetensors import rewrite_file, write_safetensors
 
 __all__ = ["new_folder", "rewrite", "write_sharded"]
@@ -34,26 +35,6 @@ class ShardedLike(Protocol):
     identities: dict[str, FileIdentity | None]
 
     def new_frozen(self, edit: Edit) -> set[str]: ...
-
-
-def index_doc(index: dict[str, Any], frozen: set[str],
-              weight_map: dict[str, str] | None = None) -> bytes:
-    doc = dict(index)
-    meta = dict(doc.get("metadata") or {})
-    meta.pop(FROZEN_KEY, None)
-    if frozen:
-        meta[FROZEN_KEY] = sorted(frozen)
-    doc["metadata"] = meta
-    if weight_map is not None:
-        doc["weight_map"] = weight_map
-    return (json.dumps(doc, indent=2) + "\n").encode()
-
-
-def new_folder(out: Path) -> None:
-    """``-o FOLDER`` must be new or empty: never mix shards of two checkpoints."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"-o {out} exists and is not an empty folder; name a new folder")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _shard_edit(source: ShardedLike, edit: Edit, shard: str) -> Edit:

@@ -1,0 +1,96 @@
+"""The Hugging Face shard index (``*.safetensors.index.json``, ``*.bin.index.json``):
+``{"metadata": {...}, "weight_map": {name: shard file}}``.
+
+paramctl keeps the frozen state of a sharded checkpoint in the index's
+``metadata["paramctl.frozen"]`` (a JSON array of names), so a freeze rewrites this one small
+file. Shared by the sharded readers and writers of both shard formats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from paramctl.errors import CorruptFileError, SourceError
+from paramctl.formats import FROZEN_KEY
+from paramctl.io.reader import open_reader
+
+__all__ = ["MAX_INDEX_BYTES", "find_index", "index_doc", "index_frozen", "read_index"]
+
+MAX_INDEX_BYTES = 256 << 20
+
+
+def find_index(spec: str, suffix: str) -> Path:
+    """``spec`` itself, or the one ``*suffix`` file in the folder ``spec``."""
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.name.lower().endswith(suffix))
+        if not found:
+            raise SourceError(f"{spec}: no *{suffix} in this folder")
+        if len(found) > 1:
+            raise SourceError(f"{spec}: several index files ({', '.join(p.name for p in found)});"
+                              " name one")
+        return found[0]
+    return path
+
+
+def read_index(spec: str) -> dict[str, Any]:
+    """The index document, validated: a ``weight_map`` of names to shard files inside the
+    folder, and an optional ``metadata`` object."""
+    reader = open_reader(spec)
+    try:
+        if reader.size > MAX_INDEX_BYTES:
+            raise CorruptFileError(f"{spec}: index file is implausibly large")
+        raw = reader.pread(reader.size, 0)
+    finally:
+        reader.close()
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptFileError(f"{spec}: not a valid index file ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise CorruptFileError(f"{spec}: index has no 'weight_map' object")
+    wm = doc["weight_map"]
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise CorruptFileError(f"{spec}: 'weight_map' must map names to shard file names")
+    for shard in set(wm.values()):
+        if os.path.isabs(shard) or ".." in Path(shard).parts:
+            raise CorruptFileError(f"{spec}: shard {shard!r} points outside the folder")
+    meta = doc.get("metadata", {})
+    if meta is not None and not isinstance(meta, dict):
+        raise CorruptFileError(f"{spec}: 'metadata' must be an object")
+    return doc
+
+
+def index_frozen(index: dict[str, Any], where: object) -> set[str]:
+    """The names ``metadata["paramctl.frozen"]`` records (a JSON array, or a string holding
+    one); ``where`` names the index in messages."""
+    meta = index.get("metadata") or {}
+    raw = meta.get(FROZEN_KEY)
+    if raw is None:
+        return set()
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raw = None
+    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+        raise CorruptFileError(f"{where}: metadata[{FROZEN_KEY!r}] is not a list of names")
+    return set(raw)
+
+
+def index_doc(index: dict[str, Any], frozen: set[str],
+              weight_map: dict[str, str] | None = None) -> bytes:
+    """The index bytes with ``frozen`` recorded (and, optionally, a new ``weight_map``);
+    every other key is kept."""
+    doc = dict(index)
+    meta = dict(doc.get("metadata") or {})
+    meta.pop(FROZEN_KEY, None)
+    if frozen:
+        meta[FROZEN_KEY] = sorted(frozen)
+    doc["metadata"] = meta
+    if weight_map is not None:
+        doc["weight_map"] = weight_map
+    return (json.dumps(doc, indent=2) + "\n").encode()
