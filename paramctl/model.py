@@ -258,6 +258,9 @@ class TensorRecord:
     fd: int | None = None
     offset: int = 0
     load: Callable[[], bytes | bytearray] | None = None
+    # The same bytes as ``load`` in pieces, for writers that can stream them (a cast of a
+    # large tensor then holds a few MiB, not the tensor twice).
+    stream: Callable[[], Iterable[bytes | bytearray | memoryview]] | None = None
 
 
 @dataclass(frozen=True)

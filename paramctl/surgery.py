@@ -11,7 +11,8 @@ is read, transformed and written one at a time: memory holds one tensor, not the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,15 +150,48 @@ def plan_convert(params: Sequence[ParamInfo], plan: ConvertPlan, *, allow_empty:
     return rows
 
 
-def _cast_loader(record: TensorRecord, dst: str, allow_overflow: bool
-                 ) -> Callable[[], bytes]:
+def _source_chunks(record: TensorRecord) -> Iterator[bytes | bytearray | memoryview]:
+    """The record's stored bytes in pieces of a few MiB (whole elements)."""
+    from paramctl.writers.base import record_bytes
+
+    step = 4 << 20
+    if record.load is not None or record.fd is None:
+        view = memoryview(record_bytes(record))
+        for start in range(0, len(view), step):
+            yield view[start:start + step]
+        return
+    pos, end = record.offset, record.offset + record.nbytes
+    while pos < end:
+        data = os.pread(record.fd, min(step, end - pos), pos)
+        if not data:
+            raise OperationError(f"truncated data for {record.name!r}")
+        yield data
+        pos += len(data)
+
+
+def _cast_record(record: TensorRecord, row: ConvertRow, allow_overflow: bool
+                 ) -> TensorRecord:
+    """``record`` cast to ``row.new_dtype``: streamed through numpy for the float32 /
+    bfloat16 / float16 pairs (bit for bit what torch gives), through torch otherwise."""
+    from paramctl import numeric
+
+    src, dst = record.dtype, row.new_dtype
+    base = dataclasses.replace(record, dtype=dst, nbytes=row.new_nbytes, fd=None)
+    if src in numeric.CASTABLE and dst in numeric.CASTABLE:
+        def stream() -> Iterator[bytes | bytearray | memoryview]:
+            return numeric.cast_chunks(_source_chunks(record), src, dst, name=record.name,
+                                       allow_overflow=allow_overflow)
+
+        return dataclasses.replace(base, stream=stream,
+                                   load=lambda: b"".join(bytes(p) for p in stream()))
+
     def load() -> bytes:
         from paramctl.writers.base import record_bytes
 
-        return cast_bytes(record_bytes(record), record.dtype, dst, name=record.name,
+        return cast_bytes(record_bytes(record), src, dst, name=record.name,
                           allow_overflow=allow_overflow)
 
-    return load
+    return dataclasses.replace(base, load=load)
 
 
 def cast_bytes(data: bytes | bytearray, src: str, dst: str, *, name: str,
@@ -192,8 +226,7 @@ def transform(records: Sequence[TensorRecord], rows: Sequence[ConvertRow],
             continue
         new = dataclasses.replace(rec, name=row.new_name)
         if row.new_dtype != row.dtype:
-            new = dataclasses.replace(new, dtype=row.new_dtype, nbytes=row.new_nbytes, fd=None,
-                                      load=_cast_loader(rec, row.new_dtype, allow_overflow))
+            new = _cast_record(new, row, allow_overflow)
         out.append(new)
     return out
 

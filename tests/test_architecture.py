@@ -141,7 +141,7 @@ ALLOWED: dict[str, set[str]] = {
     "memory": {*_BOTTOM},
     "render": {*_BOTTOM, "memory", "numeric"},
     "weights": {"sources", *_BOTTOM},
-    "view": {"sources", *_BOTTOM},
+    "view": {"sources", "weights", *_BOTTOM},
     "values": {"view", "sources", "numeric", "select", "patterns", "io", *_BOTTOM},
     "surgery": {"view", "sources", "writers", "numeric", "rules", "select", "patterns",
                 *_BOTTOM},

@@ -75,7 +75,15 @@ def write_safetensors(out: Path, records: Sequence[TensorRecord], metadata: dict
                 run.extend((r.fd, r.offset, r.nbytes))
                 continue
             flush()
-            write_all(fd, record_bytes(r))
+            if r.stream is not None:
+                written = 0
+                for piece in r.stream():
+                    written += write_all(fd, piece)
+                if written != r.nbytes:
+                    raise AssertionError(f"{r.name}: streamed {written} bytes, "
+                                         f"expected {r.nbytes}")
+            else:
+                write_all(fd, record_bytes(r))
             if progress is not None:
                 progress(r.nbytes)
         flush()
