@@ -77,7 +77,9 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
     params = [p for p in view.params if p.name in chosen
               and (trainable is None or (p.requires_grad == trainable and not p.buffer
                                          and p.dtype in FLOAT_DTYPES))]
-    return Inventory(view.source.display, view.source.format, params)
+    about = getattr(view.source, "metadata", None)
+    return Inventory(view.source.display, view.source.format, params,
+                     about() if callable(about) else None)
 
 
 def _expand_tied(names: list[str], view: View) -> list[tuple[str, str | None]]:
@@ -166,6 +168,11 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
     if not steps:
         raise UsageError("nothing to do: give at least one pattern or rule")
     view = open_view(spec, options, prefix=prefix)
+    from paramctl.writers import check_writable, write
+
+    # Before planning: a file whose tensors are all quantised would otherwise report
+    # "nothing to change" instead of saying that it can never be written.
+    check_writable(view.source)
     changes, unchanged, skipped, inits = plan(view, steps, allow_empty=allow_empty)
     result = ChangeResult(view.source.display, view.source.format, changes, unchanged, skipped)
     if dry_run or (not changes and out is None):
@@ -182,8 +189,6 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
     notes = getattr(view.source, "conversion_warnings", None)
     if out is not None and notes is not None:
         result.warnings.extend(notes(out))
-    from paramctl.writers import write
-
     total = view.source.total_bytes()
     step = (lambda n: progress(n, total)) if progress is not None else None
     result.written = write(view.source, edit, out, step)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -147,11 +147,16 @@ def totals(params: Sequence[ParamInfo]) -> Totals:
 
 @dataclass(frozen=True)
 class Inventory:
-    """What a source holds: its parameters and a little about the source itself."""
+    """What a source holds: its parameters and a little about the source itself.
+
+    ``metadata`` is what a format records about the model beside its tensors (GGUF's
+    ``general.*`` keys), or ``None`` for formats that have no such thing to show.
+    """
 
     source: str
     format: str
     params: list[ParamInfo]
+    metadata: dict[str, Any] | None = None
 
 
 # Called with (name, tensor) for every tensor the edit initialises; changes it in place.

@@ -6,7 +6,7 @@ Each format is one reader module that calls :func:`~paramctl.sources.base.regist
 
 from __future__ import annotations
 
-from paramctl.sources import dcp, module, pt, safetensors, sharded
+from paramctl.sources import dcp, gguf, module, pt, safetensors, sharded
 from paramctl.sources.base import (
     Edit,
     FileSource,
@@ -17,8 +17,8 @@ from paramctl.sources.base import (
 )
 
 __all__ = [
-    "Edit", "FileSource", "OpenOptions", "Source", "dcp", "module", "open_source", "pt",
-    "safetensors", "sharded",
+    "Edit", "FileSource", "OpenOptions", "Source", "dcp", "gguf", "module", "open_source",
+    "pt", "safetensors", "sharded",
 ]
 
 

@@ -88,7 +88,7 @@ def detect_format(spec: str) -> str:
                               "path/to/file.py:attr (attr a class, factory or instance)")
         raise SourceError(f"no such file: {spec}")
     raise SourceError(
-        f"{spec}: unknown checkpoint type; expected .pt .pth .bin .ckpt .safetensors, a "
+        f"{spec}: unknown checkpoint type; expected .pt .pth .bin .ckpt .safetensors .gguf, a "
         "sharded index, a DCP folder or a module path like pkg.mod:Model"
     )
 
