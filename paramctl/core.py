@@ -57,8 +57,11 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
                                          and p.dtype in FLOAT_DTYPES))]
     # Optional: what a source says about itself beyond its tensors (a PEFT adapter's config).
     describe = getattr(view.source, "extra", None)
+    # And GGUF's general.* metadata.
+    about = getattr(view.source, "metadata", None)
     return Inventory(view.source.display, view.source.format, params,
-                     describe() if describe is not None else None)
+                     extra=describe() if describe is not None else None,
+                     metadata=about() if callable(about) else None)
 
 
 def mem(spec: str, *, optimizer: str = "adamw", precision: str = "fp32", shards: int = 1,
@@ -182,6 +185,11 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
     others = [*(p for s in steps for p in s.patterns), *(r.pattern for s in steps
                                                          for r in s.rules)]
     view = _open(spec, options, prefix, others, steps[0].kind)
+    from paramctl.writers import check_writable as check_format_writable
+
+    # Before planning: a file whose tensors are all quantised would otherwise report
+    # "nothing to change" instead of saying that it can never be written.
+    check_format_writable(view.source)
     surgery_steps = [s for s in steps if s.kind in CONVERT_KINDS]
     changes, unchanged, skipped, inits = plan(
         view, [s for s in steps if s.kind not in CONVERT_KINDS], allow_empty=allow_empty)

@@ -198,7 +198,11 @@ def totals(params: Sequence[ParamInfo]) -> Totals:
 
 @dataclass(frozen=True)
 class Inventory:
-    """What a source holds: its parameters and a little about the source itself."""
+    """What a source holds: its parameters and a little about the source itself.
+
+    ``metadata`` is what a format records about the model beside its tensors (GGUF's
+    ``general.*`` keys), or ``None`` for formats that have no such thing to show.
+    """
 
     source: str
     format: str
@@ -206,6 +210,8 @@ class Inventory:
     # What a source says about itself beyond its tensors, by topic: {"adapter": {...}}
     # for a PEFT adapter. None for most sources (and then absent from JSON).
     extra: dict[str, Any] | None = None
+    # A GGUF file's general.* metadata ("metadata" in JSON); None elsewhere.
+    metadata: dict[str, Any] | None = None
 
 
 # Called with (name, tensor) for every tensor the edit initialises; changes it in place.

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import struct
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,35 @@ def list_json_in_fresh_python(target: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
                           timeout=60)
+
+
+# -- GGUF files byte by byte (malformed and fuzz tests build headers no writer would) -----
+def gguf_str(text: str | bytes, *, length: int | None = None, order: str = "<") -> bytes:
+    """A GGUF string: u64 length (``length`` overrides it) and the bytes."""
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack(order + "Q", len(raw) if length is None else length) + raw
+
+
+def gguf_kv(key: str | bytes, vtype: int, payload: bytes, *, order: str = "<") -> bytes:
+    """One metadata pair; ``payload`` is the value already encoded."""
+    return gguf_str(key, order=order) + struct.pack(order + "I", vtype) + payload
+
+
+def gguf_tensor(name: str | bytes, ne: tuple[int, ...], ggml_type: int, offset: int, *,
+                n_dims: int | None = None, order: str = "<") -> bytes:
+    """One tensor info; ``ne`` in file order (row length first)."""
+    return (gguf_str(name, order=order)
+            + struct.pack(order + "I", len(ne) if n_dims is None else n_dims)
+            + struct.pack(f"{order}{len(ne)}Q", *ne)
+            + struct.pack(order + "IQ", ggml_type, offset))
+
+
+def gguf_bytes(kvs: Sequence[bytes] = (), tensors: Sequence[bytes] = (), data: bytes = b"",
+               *, version: int = 3, n_tensors: int | None = None, n_kv: int | None = None,
+               alignment: int = 32, order: str = "<") -> bytes:
+    """A GGUF file: header, the pairs, the tensor infos, padding, then ``data``."""
+    head = b"GGUF" + struct.pack(order + "IQQ", version,
+                                 len(tensors) if n_tensors is None else n_tensors,
+                                 len(kvs) if n_kv is None else n_kv)
+    body = head + b"".join(kvs) + b"".join(tensors)
+    return body + b"\0" * (-len(body) % alignment) + data

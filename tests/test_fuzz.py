@@ -1,14 +1,17 @@
 """Fuzzing: mutated real checkpoints are either listed or refused with one line.
 
-Seeds are the small sample checkpoints. Mutations are raw (truncate, flip, overwrite,
-splice, insert, delete bytes; half of them aimed at the part the parser reads: the pickle
-and central directory of a torch zip, the header of a safetensors file) and structured
-(opcode-level edits of data.pkl, dropped or resized zip records, JSON-level edits of a
-safetensors header with a correct length prefix).
+Seeds are the small sample checkpoints and two small GGUF files. Mutations are raw
+(truncate, flip, overwrite, splice, insert, delete bytes; half of them aimed at the part the
+parser reads: the pickle and central directory of a torch zip, the header of a safetensors
+or GGUF file) and structured (opcode-level edits of data.pkl, dropped or resized zip
+records, JSON-level edits of a safetensors header with a correct length prefix, field-level
+edits of a GGUF header: any count, length, type, dimension or offset set to an edge value,
+fields dropped or repeated). Every prefix of a GGUF file is listed too (deterministic).
 
 In-process (``paramctl.core.inspect``, fast): the only acceptable outcomes are success or a
 ``ParamctlError`` with a one-line message, within ``PER_EXAMPLE_SECONDS``. A listed mutant
-is also frozen to a new file, which must list again with everything frozen. A few
+is also frozen to a new file, which must list again with everything frozen (a listed GGUF
+mutant must instead refuse the write with exit 2: GGUF is read-only). A few
 mutants go through the real CLI in a subprocess under RLIMIT_AS = 1 GiB.
 
 ``PARAMCTL_FUZZ_EXAMPLES`` sets the in-process examples per format (default 150, for CI);
@@ -32,13 +35,16 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
+import gguf
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from paramctl.core import change, inspect
-from paramctl.errors import ParamctlError
+from paramctl.errors import CorruptFileError, ParamctlError
 from paramctl.rules import Step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +56,8 @@ MEMORY_LIMIT = 1 << 30
 PT_SEEDS = ("mlp.pt", "cnn.pt", "transformer.pt", "transformer_nested.pt")
 ST_SEEDS = ("mlp.safetensors", "cnn.safetensors", "transformer.safetensors")
 
-OUTCOMES: dict[str, Counter[str]] = {"pt": Counter(), "safetensors": Counter()}
+OUTCOMES: dict[str, Counter[str]] = {"pt": Counter(), "safetensors": Counter(),
+                                     "gguf": Counter()}
 
 FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES,
@@ -255,6 +262,120 @@ def st_mutants(draw: st.DrawFn, seeds: dict[str, bytes]) -> bytes:
     return struct.pack("<Q", len(body)) + body + data[8 + n:]
 
 
+# GGUF: a file from llama.cpp's writer for byte mutations, and a header spelled out field by
+# field (("u32" | "u64", value), ("raw", bytes), ("pad", 0) = padding to 32) for edits that
+# keep every other field intact.
+
+GgufToken = tuple[str, Any]
+
+
+def _gguf_writer_seed(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("fuzz seed")
+    w.add_array("general.tags", ["a", "b"])
+    w.add_float32("general.temp", 0.5)
+    w.add_token_list([f"t{i}" for i in range(24)])
+    w.add_token_scores([0.5] * 24)
+    w.add_tensor("token_embd.weight", rng.standard_normal((8, 32)).astype(np.float16))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(32, np.float32))
+    w.add_tensor("blk.0.ffn_up.weight", gguf.quants.quantize(
+        rng.standard_normal((4, 64), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0),
+        raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("blk.0.ffn_down.weight", gguf.quants.quantize(
+        rng.standard_normal((2, 32), dtype=np.float32), gguf.GGMLQuantizationType.Q4_0),
+        raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _gguf_fields() -> list[GgufToken]:
+    t: list[GgufToken] = [("raw", b"GGUF"), ("u32", 3), ("u64", 3), ("u64", 5)]
+
+    def text(value: str) -> None:
+        raw = value.encode()
+        t.extend([("u64", len(raw)), ("raw", raw)])
+
+    def key(name: str, vtype: int) -> None:
+        text(name)
+        t.append(("u32", vtype))
+
+    key("general.name", 8)
+    text("seed")
+    key("general.alignment", 4)
+    t.append(("u32", 32))
+    key("general.tags", 9)
+    t.extend([("u32", 8), ("u64", 2)])
+    text("a")
+    text("b")
+    key("tokenizer.ggml.tokens", 9)
+    t.extend([("u32", 8), ("u64", 20)])
+    for i in range(20):
+        text(f"t{i}")
+    key("general.nested", 9)  # [[1], []] as arrays of uint32
+    t.extend([("u32", 9), ("u64", 2), ("u32", 4), ("u64", 1), ("u32", 1), ("u32", 4),
+              ("u64", 0)])
+    for name, ne, ggml_type, offset in [("a.weight", (4, 2), 0, 0), ("b.weight", (32, 2), 8, 32),
+                                        ("c.bias", (3,), 1, 128)]:
+        text(name)
+        t.append(("u32", len(ne)))
+        t.extend(("u64", d) for d in ne)
+        t.extend([("u32", ggml_type), ("u64", offset)])
+    t.extend([("pad", 0), ("raw", bytes(range(160)))])
+    return t
+
+
+def _encode(tokens: list[GgufToken]) -> bytes:
+    out = bytearray()
+    for kind, value in tokens:
+        if kind == "u32":
+            out += struct.pack("<I", value % 2**32)
+        elif kind == "u64":
+            out += struct.pack("<Q", value % 2**64)
+        elif kind == "pad":
+            out += b"\0" * (-len(out) % 32)
+        else:
+            out += value
+    return bytes(out)
+
+
+_EDGES = [0, 1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 31, 32, 33, 99, 255, 2**16, 2**31,
+          2**32 - 1, 2**32, 2**40, 2**60, 2**63 - 1, 2**63, 2**64 - 1]
+
+
+@st.composite
+def gguf_field_mutants(draw: st.DrawFn) -> bytes:
+    tokens = _gguf_fields()
+    for _ in range(draw(st.integers(1, 3))):
+        i = draw(st.integers(0, len(tokens) - 1))
+        kind, value = tokens[i]
+        action = draw(st.sampled_from(["set", "set", "set", "nudge", "drop", "repeat"]))
+        if action == "drop":
+            del tokens[i]
+        elif action == "repeat":
+            tokens.insert(i, tokens[i])
+        elif kind in ("u32", "u64"):
+            if action == "nudge":
+                tokens[i] = (kind, max(0, value + draw(st.integers(-3, 3))))
+            else:
+                tokens[i] = (kind, draw(st.sampled_from(_EDGES) | st.integers(0, 2**64 - 1)))
+        elif kind == "raw" and value:
+            raw = bytearray(value)
+            raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
+            tokens[i] = (kind, bytes(raw))
+    return _encode(tokens)
+
+
+@st.composite
+def gguf_mutants(draw: st.DrawFn, seed: tuple[bytes, int]) -> bytes:
+    data, data_start = seed
+    if draw(st.booleans()):
+        return draw(byte_mutations(data, [(0, 24), (24, data_start)]))
+    return draw(gguf_field_mutants())
+
+
 # ---------------------------------------------------------------------------------------
 # the in-process property
 
@@ -279,12 +400,26 @@ def _check_in_process(path: Path, fmt: str, workdir: Path) -> None:
             OUTCOMES[fmt][_outcome(exc)] += 1
             return
         OUTCOMES[fmt]["listed"] += 1
-        _check_rewrite(path, fmt, workdir, len(inventory.params))
+        if fmt == "gguf":
+            _check_read_only(path)
+        else:
+            _check_rewrite(path, fmt, workdir, len(inventory.params))
     except _Timeout:
         pytest.fail(f"paramctl took over {PER_EXAMPLE_SECONDS}s on this mutant")
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _check_read_only(path: Path) -> None:
+    """A listed GGUF file refuses every write with exit 2, and stays as it was."""
+    before = path.read_bytes()
+    with pytest.raises(ParamctlError) as caught:
+        change(str(path), [Step("freeze", patterns=("*",))], allow_empty=True)
+    assert caught.value.exit_code == 2, str(caught.value)
+    assert "read-only" in str(caught.value)
+    assert path.read_bytes() == before
+    OUTCOMES["gguf"]["listed; write refused"] += 1
 
 
 def _check_rewrite(path: Path, fmt: str, workdir: Path, count: int) -> None:
@@ -312,6 +447,46 @@ def test_fuzz_pt_in_process(data: st.DataObject, seeds: dict[str, bytes],
     path = workdir / "mutant.pt"
     path.write_bytes(mutant)
     _check_in_process(path, "pt", workdir)
+
+
+@pytest.fixture(scope="module")
+def gguf_seed(workdir: Path) -> tuple[bytes, int]:
+    """The writer's file and where its data section starts (as gguf-py's reader says)."""
+    path = workdir / "seed.gguf"
+    _gguf_writer_seed(path)
+    return path.read_bytes(), int(gguf.GGUFReader(path).data_offset)
+
+
+@FUZZ_SETTINGS
+@given(data=st.data())
+def test_fuzz_gguf_in_process(data: st.DataObject, gguf_seed: tuple[bytes, int],
+                              workdir: Path) -> None:
+    mutant = data.draw(gguf_mutants(gguf_seed))
+    path = workdir / "mutant.gguf"
+    path.write_bytes(mutant)
+    _check_in_process(path, "gguf", workdir)
+
+
+def test_gguf_every_prefix(gguf_seed: tuple[bytes, int], workdir: Path) -> None:
+    """Each cut of the file is refused with one line until every tensor's bytes are in it;
+    from there on (only padding is missing) it lists exactly as the whole file does."""
+    data, _ = gguf_seed
+    path = workdir / "prefix.gguf"
+    path.write_bytes(data)
+    reader = gguf.GGUFReader(path)
+    needed = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    whole = inspect(str(path)).params
+    for n in range(len(data)):
+        path.write_bytes(data[:n])
+        try:
+            listed = inspect(str(path)).params
+        except CorruptFileError as exc:
+            assert n < needed, (n, str(exc))
+            assert "\n" not in str(exc) and str(exc).startswith(f"{path}: "), str(exc)
+            continue
+        assert n >= needed, n
+        assert listed == whole
+    OUTCOMES["gguf"][f"every prefix of {len(data)} bytes"] += 1
 
 
 @FUZZ_SETTINGS
@@ -364,6 +539,15 @@ def test_fuzz_pt_cli(data: st.DataObject, seeds: dict[str, bytes], workdir: Path
 
 @CLI_SETTINGS
 @given(data=st.data())
+def test_fuzz_gguf_cli(data: st.DataObject, gguf_seed: tuple[bytes, int],
+                       workdir: Path) -> None:
+    path = workdir / "cli_mutant.gguf"
+    path.write_bytes(data.draw(gguf_mutants(gguf_seed)))
+    _check_cli(path)
+
+
+@CLI_SETTINGS
+@given(data=st.data())
 def test_fuzz_safetensors_cli(data: st.DataObject, seeds: dict[str, bytes],
                               workdir: Path) -> None:
     path = workdir / "cli_mutant.safetensors"
@@ -371,8 +555,16 @@ def test_fuzz_safetensors_cli(data: st.DataObject, seeds: dict[str, bytes],
     _check_cli(path)
 
 
-def test_seeds_list_cleanly(seeds: dict[str, bytes], workdir: Path) -> None:
-    """Control: unmutated seeds list and freeze (so failures above are the mutations')."""
+def test_seeds_list_cleanly(seeds: dict[str, bytes], gguf_seed: tuple[bytes, int],
+                            workdir: Path) -> None:
+    """Control: unmutated seeds list and freeze (so failures above are the mutations'); the
+    GGUF seeds list and refuse writes."""
+    for name, payload in [("writer.gguf", gguf_seed[0]), ("fields.gguf",
+                                                           _encode(_gguf_fields()))]:
+        path = workdir / f"seed_{name}"
+        path.write_bytes(payload)
+        assert len(inspect(str(path)).params) == (4 if name == "writer.gguf" else 3)
+        _check_read_only(path)
     for name, payload in seeds.items():
         path = workdir / f"seed_{name}"
         path.write_bytes(payload)

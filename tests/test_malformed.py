@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import gguf_bytes, gguf_kv, gguf_str, gguf_tensor
 
 REPO = Path(__file__).resolve().parent.parent
 MEMORY_LIMIT = 1 << 30
@@ -441,6 +442,181 @@ def test_exponential_frozenset_payload_shape() -> None:
 
     tiny = b"\x80\x02)q\x000" + b"h\x00h\x00\x86q\x000" * 3 + b"(h\x00\x91."
     assert len(next(iter(pickle.loads(tiny)))) == 2
+
+
+# =======================================================================================
+# GGUF (headers no writer would produce, built field by field)
+
+
+def _u32(v: int) -> bytes:
+    return struct.pack("<I", v)
+
+
+def _u64(v: int) -> bytes:
+    return struct.pack("<Q", v)
+
+
+G_U8, G_U32, G_U64, G_STRING, G_ARRAY = 0, 4, 10, 8, 9
+F32, Q4_0 = 0, 2
+W = gguf_tensor("w", (2,), F32, 0)  # 8 bytes at offset 0
+DATA = b"\0" * 32
+
+
+def _g(*kvs: bytes, tensors: tuple[bytes, ...] = (W,), data: bytes = DATA, **kw: int) -> bytes:
+    return gguf_bytes(kvs, tensors, data, **kw)
+
+
+def _nested(levels: int) -> bytes:
+    """An array of one array of one array ... ``levels`` deep, then an empty uint8 array."""
+    return (_u32(G_ARRAY) + _u64(1)) * (levels - 1) + _u32(G_U8) + _u64(0)
+
+
+_STRINGS = gguf_kv("tokenizer.ggml.tokens", G_ARRAY,
+                   _u32(G_STRING) + _u64(3) + gguf_str("a") + gguf_str("b"))
+
+GGUF_CASES: dict[str, tuple[bytes, str]] = {
+    # name: (file bytes, text the error must contain)
+    "empty-file": (b"", "empty"),
+    "two-bytes-of-magic": (b"GG", "too short"),
+    "magic-only": (b"GGUF", "too short"),
+    "bad-magic": (b"GGML" + _g()[4:], "not a GGUF file"),
+    "a-safetensors-file": (st_bytes({"w": _t()}, b"\0" * 8), "not a GGUF file"),
+    "version-1": (_g(version=1), "version 1"),
+    "version-4": (_g(version=4), "version 4 is not supported"),
+    "version-2**32-1": (_g(version=2**32 - 1), "is not supported"),
+    "counts-truncated": (b"GGUF" + _u32(3) + _u64(1) + b"\0\0", "runs past the end"),
+    "tensor-count-2**40": (_g(n_tensors=2**40), "over paramctl's limit"),
+    "tensor-count-2**64-1": (_g(n_tensors=2**64 - 1), "over paramctl's limit"),
+    "tensor-count-1000": (_g(n_tensors=1000), "the tensor count"),
+    "kv-count-2**60": (_g(n_kv=2**60), "metadata key count"),
+    "key-length-2**60": (_g(gguf_str("k", length=2**60) + _u32(G_U32) + _u32(1)),
+                         "runs past the end"),
+    "key-length-2**64-1": (_g(gguf_str("k", length=2**64 - 1)), "runs past the end"),
+    "key-not-utf8": (_g(gguf_kv(b"\xff\xfe", G_U32, _u32(1))), "not valid UTF-8"),
+    "duplicate-key": (_g(gguf_kv("a", G_U32, _u32(1)), gguf_kv("a", G_U32, _u32(2))),
+                      "duplicate metadata key 'a'"),
+    "value-type-99": (_g(gguf_kv("a", 99, b"")), "unknown value type 99"),
+    "100k-character-key-quoted-short": (_g(gguf_kv("k" * 100_000, 99, b"")),
+                                        "kkk...' has unknown value type 99"),
+    "general-string-2**60": (_g(gguf_kv("general.name", G_STRING, gguf_str("x", length=2**60))),
+                             "'general.name'"),
+    "skipped-string-2**60": (_g(gguf_kv("tokenizer.chat_template", G_STRING,
+                                        gguf_str("x", length=2**60))), "runs past the end"),
+    "array-of-2**60-bytes": (_g(gguf_kv("a", G_ARRAY, _u32(G_U8) + _u64(2**60))), "items"),
+    "array-of-2**40-strings": (_g(gguf_kv("tokenizer.ggml.tokens", G_ARRAY,
+                                          _u32(G_STRING) + _u64(2**40))), "items"),
+    "array-of-2**64-1-arrays": (_g(gguf_kv("a", G_ARRAY, _u32(G_ARRAY) + _u64(2**64 - 1))),
+                                "items"),
+    "string-array-short-by-one": (_g(_STRINGS, tensors=(), data=b"", alignment=1),
+                                  "runs past the end"),
+    "string-in-array-2**60": (_g(gguf_kv("tokenizer.ggml.tokens", G_ARRAY, _u32(G_STRING)
+                                         + _u64(2) + gguf_str("a") + gguf_str("b", length=2**60))),
+                              "runs past the end"),
+    "arrays-nested-9-deep": (_g(gguf_kv("general.deep", G_ARRAY, _nested(9))), "nests arrays"),
+    "skipped-arrays-nested-100-deep": (_g(gguf_kv("x.deep", G_ARRAY, _nested(100))),
+                                       "nests arrays"),
+    "array-item-type-13": (_g(gguf_kv("a", G_ARRAY, _u32(13) + _u64(1))),
+                           "unknown value type 13"),
+    "alignment-not-uint32": (_g(gguf_kv("general.alignment", G_U64, _u64(32))),
+                             "general.alignment is not a uint32"),
+    "alignment-zero": (_g(gguf_kv("general.alignment", G_U32, _u32(0))), "power of two"),
+    "alignment-three": (_g(gguf_kv("general.alignment", G_U32, _u32(3))), "power of two"),
+    "n-dims-1000": (_g(tensors=(gguf_tensor("w", (2,), F32, 0, n_dims=1000),)),
+                    "1000 dimensions"),
+    "n-dims-5": (_g(tensors=(gguf_tensor("w", (1, 1, 1, 1, 2), F32, 0),)), "5 dimensions"),
+    "n-dims-2**32-1": (_g(tensors=(gguf_tensor("w", (2,), F32, 0, n_dims=2**32 - 1),)),
+                       "dimensions"),
+    "ggml-type-99": (_g(tensors=(gguf_tensor("w", (2,), 99, 0),)), "unknown ggml type 99"),
+    "ggml-type-4-removed": (_g(tensors=(gguf_tensor("w", (32,), 4, 0),)),
+                            "unknown ggml type 4"),
+    "shape-product-over-int64": (_g(tensors=(gguf_tensor("w", (2**62, 2**62), F32, 0),)),
+                                 "impossible shape"),
+    "shape-2**64-1": (_g(tensors=(gguf_tensor("w", (2**64 - 1,), F32, 0),)), "impossible shape"),
+    "quant-row-not-a-block": (_g(tensors=(gguf_tensor("w", (33, 1), Q4_0, 0),)),
+                              "not a multiple of the Q4_0 block size 32"),
+    "tensor-name-length-2**60": (_g(tensors=(gguf_str("w", length=2**60),)),
+                                 "runs past the end"),
+    "tensor-name-not-utf8": (_g(tensors=(gguf_tensor(b"\xc3(", (2,), F32, 0),)),
+                             "not valid UTF-8"),
+    "duplicate-tensor-name": (_g(tensors=(W, gguf_tensor("w", (2,), F32, 32)), data=DATA * 2),
+                              "duplicate tensor name 'w'"),
+    "offset-past-the-end": (_g(tensors=(gguf_tensor("w", (2,), F32, 32),)),
+                            "runs past the end of the file"),
+    "offset-2**63": (_g(tensors=(gguf_tensor("w", (2,), F32, 2**63),)),
+                     "runs past the end of the file"),
+    "offset-not-aligned": (_g(tensors=(gguf_tensor("w", (2,), F32, 4),)), "alignment 32"),
+    "data-far-larger-than-file": (_g(tensors=(gguf_tensor("w", (2**40,), F32, 0),)),
+                                  "runs past the end of the file"),
+    "tensors-overlap": (_g(tensors=(gguf_tensor("a", (16,), F32, 0),
+                                    gguf_tensor("b", (8,), F32, 32)), data=DATA * 2),
+                        "overlap"),
+    "same-bytes-twice": (_g(tensors=(gguf_tensor("a", (2,), F32, 0),
+                                     gguf_tensor("b", (2,), F32, 0))), "overlap"),
+    "truncated-in-tensor-infos": (_g(data=b"")[:-40], "runs past the end"),
+    "truncated-data": (_g(data=b"\0" * 4), "runs past the end of the file"),
+    "name-with-newline": (_g(tensors=(gguf_tensor("a\nb", (2,), 99, 0),)),
+                          "unknown ggml type"),
+}
+
+
+@pytest.mark.parametrize("name", list(GGUF_CASES))
+def test_malformed_gguf(name: str, tmp_path: Path) -> None:
+    data, needle = GGUF_CASES[name]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    line = assert_one_line_error(run_limited("list", path, timeout=30), needle)
+    assert str(path) in line
+    assert len(line) < len(str(path)) + 200
+
+
+def test_gguf_builder_makes_a_valid_file(tmp_path: Path) -> None:
+    """Control: the unbroken file the cases above start from lists."""
+    path = tmp_path / "good.gguf"
+    path.write_bytes(_g(_STRINGS[:-len(gguf_str("b"))] + gguf_str("b") + gguf_str("c")))
+    result = run_limited("list", path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "w\t2\tfloat32\t2\ttrue\n"
+
+
+@pytest.mark.parametrize("name", ["tensor-count-2**40", "array-of-2**40-strings",
+                                  "tensors-overlap", "truncated-data"])
+def test_malformed_gguf_rewrite_refused(name: str, tmp_path: Path) -> None:
+    """A write command reads the file first: the same one-line error, exit 1."""
+    data, needle = GGUF_CASES[name]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    assert_one_line_error(run_limited("freeze", path, "*"), needle)
+    assert path.read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.gguf"]
+
+
+def _sparse(path: Path, head: bytes, size: int) -> None:
+    with open(path, "wb") as fh:
+        fh.write(head)
+        fh.truncate(size)
+
+
+def test_gguf_metadata_limit(tmp_path: Path) -> None:
+    """A 100 MB string array that the file really holds (sparse: zero-length strings) is
+    refused at the 64 MiB metadata bound, before reading it."""
+    path = tmp_path / "big.gguf"
+    head = gguf_bytes([gguf_kv("tokenizer.ggml.tokens", G_ARRAY,
+                               _u32(G_STRING) + _u64(12_500_000))], alignment=1)
+    _sparse(path, head, 200_000_000)
+    assert_one_line_error(run_limited("list", path, memory=512 << 20, timeout=30),
+                          "past its 64 MiB limit")
+
+
+def test_gguf_worst_case_metadata_is_bounded(tmp_path: Path) -> None:
+    """Just under the bound: 8 million empty strings (64 MiB of zero lengths) are walked,
+    in bounded time and memory, and the header then ends where the file does."""
+    path = tmp_path / "walk.gguf"
+    n = (64 << 20) // 8 - 64
+    head = gguf_bytes([gguf_kv("tokenizer.ggml.tokens", G_ARRAY, _u32(G_STRING) + _u64(n))],
+                      n_tensors=1, alignment=1)
+    _sparse(path, head, len(head) + 8 * n)
+    assert_one_line_error(run_limited("list", path, memory=512 << 20, timeout=60),
+                          "the tensor count")
 
 
 # =======================================================================================

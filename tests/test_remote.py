@@ -265,11 +265,10 @@ def test_a_repository_without_weights_names_what_was_tried(hub: FakeHub) -> None
     assert len(hub.hits) == 4
 
 
-def test_a_sharded_bin_index_is_refused_clearly(hub: FakeHub) -> None:
+def test_a_sharded_bin_index_lists_remotely(hub: FakeHub, remote_root: Path) -> None:
     res = paramctl(hub, "list", "hf://org/bin_index")
-    assert res.returncode == 1
-    assert "pytorch_model.bin.index.json: sharded torch .bin checkpoints are not supported " \
-           "remotely yet; download the files" in one_error_line(res)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == run_cli("list", remote_root / "bin_index").stdout
 
 
 def test_a_revision_is_sent_url_encoded(hub: FakeHub, remote_root: Path) -> None:

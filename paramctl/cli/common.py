@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from paramctl.render.text import ProgressBar
 
 SourceArg = Annotated[str, typer.Argument(
-    help="Checkpoint (.pt .pth .bin .ckpt .safetensors), sharded index or folder, DCP folder, "
-         "module path pkg.mod:attr / file.py:attr, or a remote file (read-only): "
+    help="Checkpoint (.pt .pth .bin .ckpt .safetensors .gguf), sharded index or folder, DCP "
+         "folder, module path pkg.mod:attr / file.py:attr, or a remote file (read-only): "
          "https://HOST/PATH, hf://ORG/REPO[@REV][/PATH].", show_default=False)]
 KeyOpt = Annotated[str | None, typer.Option(
     "--key", help="Checkpoint entry holding the state dict (dotted for nesting).")]

@@ -4,7 +4,7 @@ and names. Written directly, never through rich."""
 from __future__ import annotations
 
 import json
-from typing import TextIO
+from typing import Any, TextIO
 
 from paramctl.model import ChangeResult, Inventory
 from paramctl.render.common import param_record, totals_record, tree_rows
@@ -17,9 +17,11 @@ MACHINE_FORMATS = ("tsv", "json", "jsonl", "names")
 def inventory(inv: Inventory, fmt: str, out: TextIO, *, headers: bool = False) -> None:
     params = inv.params
     if fmt == "json":
-        doc = {"source": inv.source, "format": inv.format,
-               "parameters": [param_record(p) for p in params],
-               "totals": totals_record(params)}
+        doc: dict[str, Any] = {"source": inv.source, "format": inv.format}
+        if inv.metadata is not None:
+            doc["metadata"] = inv.metadata
+        doc["parameters"] = [param_record(p) for p in params]
+        doc["totals"] = totals_record(params)
         if inv.extra:
             doc.update(inv.extra)  # e.g. "adapter": only when the source has one
         out.write(json.dumps(doc, indent=2) + "\n")

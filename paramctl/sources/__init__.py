@@ -10,7 +10,7 @@ registers their byte readers; ``hf://ORG/REPO`` is first resolved to its weights
 from __future__ import annotations
 
 from paramctl.io import hub
-from paramctl.sources import dcp, module, pt, safetensors, sharded, sharded_bin
+from paramctl.sources import dcp, gguf, module, pt, safetensors, sharded, sharded_bin
 from paramctl.sources.base import (
     Edit,
     FileSource,
@@ -22,8 +22,8 @@ from paramctl.sources.base import (
 from paramctl.sources.folder import resolve_folder
 
 __all__ = [
-    "Edit", "FileSource", "OpenOptions", "Source", "dcp", "module", "open_source", "pt",
-    "safetensors", "sharded", "sharded_bin",
+    "Edit", "FileSource", "OpenOptions", "Source", "dcp", "gguf", "module", "open_source",
+    "pt", "safetensors", "sharded", "sharded_bin",
 ]
 
 

@@ -106,7 +106,8 @@ def detect_format(spec: str) -> str:
     raise SourceError(
         f"{spec}: unknown checkpoint type (neither its name nor its first bytes match a "
         "format paramctl reads); expected a torch zip (.pt .pth .bin .ckpt, or any name), "
-        ".safetensors, a sharded index, a DCP folder or a module path like pkg.mod:Model"
+        ".safetensors, .gguf, a sharded index, a DCP folder or a module path like "
+        "pkg.mod:Model"
     )
 
 

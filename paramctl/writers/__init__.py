@@ -21,7 +21,7 @@ from paramctl.io.files import FdPool, locked
 from paramctl.model import FLOAT_DTYPES, Edit, TensorRecord
 from paramctl.writers.base import Progress, edited, source_gone
 
-__all__ = ["output_kind", "write", "write_converted"]
+__all__ = ["check_writable", "output_kind", "write", "write_converted"]
 
 
 def output_kind(out: Path) -> str:
@@ -36,6 +36,13 @@ def output_kind(out: Path) -> str:
                          "(sharded safetensors)")
 
 
+def check_writable(source: Any) -> None:
+    """Refuse, before anything is planned, a source of a format no writer saves."""
+    if source.format == "gguf":
+        raise UsageError(f"{source.display}: GGUF files are read-only in paramctl; convert "
+                         "with llama.cpp's tools, or list only")
+
+
 _NATIVE = {"pt": "pt", "safetensors": "safetensors", "safetensors-sharded": "folder",
            "pt-sharded": "folder", "dcp": "folder"}
 
@@ -46,13 +53,12 @@ def write(source: Any, edit: Edit, out: Path | None, progress: Progress | None =
     format streams the tensors one at a time (a conversion)."""
     if getattr(source, "remote", False):
         raise UsageError(f"{source.display}: remote sources are read-only; download first")
+    check_writable(source)
     fmt = source.format
     if fmt == "module":
         from paramctl.writers import module
 
         return module.rewrite(source, edit, out)
-    if fmt == "gguf":
-        raise UsageError(f"{source.display}: GGUF files are read-only in paramctl")
     kind = output_kind(out) if out is not None and not _same_suffix(source, out) \
         else _NATIVE[fmt]
     if kind == _NATIVE[fmt]:
