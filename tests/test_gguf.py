@@ -17,7 +17,16 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from helpers import REPO, gguf_bytes, gguf_kv, gguf_str, gguf_tensor, one_error_line, run_inproc
+from helpers import (
+    REPO,
+    gguf_bytes,
+    gguf_kv,
+    gguf_str,
+    gguf_tensor,
+    one_error_line,
+    run_cli,
+    run_inproc,
+)
 
 from paramctl.core import inspect
 from paramctl.errors import CorruptFileError, SourceError
@@ -399,3 +408,23 @@ def test_every_metadata_value_type(tmp_path: Path) -> None:
     reader = gguf.GGUFReader(path)  # the hand-built file is one gguf-py reads too
     assert reader.fields["general.nested"].types[0] == gguf.GGUFValueType.ARRAY
     assert [t.name for t in reader.tensors] == ["w"]
+
+
+def test_stats_decodes_float_tensors_and_names_quantised_ones(
+        llama: tuple[Path, dict[str, Written]]) -> None:
+    import gguf
+
+    path, _ = llama
+    res = run_cli("stats", path, "-f", "json")
+    assert res.returncode == 0, res.stderr
+    rows = {r["name"]: r for r in json.loads(res.stdout)["tensors"]}
+    reader = gguf.GGUFReader(path)
+    for t in reader.tensors:
+        row = rows[t.name]
+        if row["dtype"] in ("float32", "float16", "float64", "int32", "int8"):
+            values = np.asarray(t.data, dtype=np.float64).reshape(-1)
+            assert row["min"] == pytest.approx(values.min(), rel=1e-12, abs=1e-12)
+            assert row["mean"] == pytest.approx(values.mean(), rel=1e-9, abs=1e-12)
+            assert row["zeros"] == int((values == 0).sum())
+        elif row["dtype"] not in ("bfloat16",):
+            assert row["min"] is None and "not decoded" in row["note"], row

@@ -34,11 +34,13 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from paramctl.errors import CorruptFileError, SourceError
-from paramctl.io.reader import ByteReader, open_reader
-from paramctl.model import FLOAT_DTYPES, ParamInfo
+from paramctl.errors import CorruptFileError, SourceError, UsageError
+from paramctl.io.files import FdPool
+from paramctl.io.reader import ByteReader, is_remote, open_reader
+from paramctl.model import FLOAT_DTYPES, ParamInfo, TensorRecord
 from paramctl.sources.base import OpenOptions, register
 
 __all__ = ["GGML_TYPES", "GGUFHeader", "GGUFSource", "GGUFTensor", "read_gguf_header"]
@@ -488,6 +490,7 @@ class GGUFSource:
 
     def __init__(self, path: str, options: OpenOptions) -> None:
         self.display = path
+        self.remote = is_remote(path)
         if options.key:
             raise SourceError("--key applies to torch checkpoints; a GGUF file holds one "
                               "flat set of tensors")
@@ -511,6 +514,19 @@ class GGUFSource:
 
     def total_bytes(self) -> int:
         return self.file_size
+
+    def records(self, pool: FdPool) -> list[TensorRecord]:
+        """Every tensor's stored bytes (``stats`` decodes the float and integer ones and
+        lists quantised blocks as not decoded)."""
+        if self.remote:
+            raise UsageError("remote sources are read-only; download first")
+        if self.header.byte_order != "little":
+            raise UsageError(f"{self.display}: a big-endian GGUF file: its values are not "
+                             "decoded (list works)")
+        fd = pool.get(Path(self.display))
+        start = self.header.data_start
+        return [TensorRecord(t.name, t.dtype, t.shape, False, t.nbytes, fd, start + t.offset)
+                for t in self.header.tensors]
 
 
 def _detect(spec: str) -> bool:
