@@ -177,6 +177,7 @@ def test_imports_follow_the_layers() -> None:
 def test_readers_never_import_writers_or_each_other() -> None:
     # Shared building blocks, not formats: any reader may use them.
     helpers = {"paramctl.sources", "paramctl.sources.base", "paramctl.sources.pickle_vm",
+               "paramctl.sources.pickled_module", "paramctl.sources.pt_legacy",
                "paramctl.sources.statedict", "paramctl.sources.adapter"}
     graph = _graph()
     bad = []

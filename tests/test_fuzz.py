@@ -1,9 +1,12 @@
 """Fuzzing: mutated real checkpoints are either listed or refused with one line.
 
-Seeds are the small sample checkpoints and two small GGUF files. Mutations are raw
-(truncate, flip, overwrite, splice, insert, delete bytes; half of them aimed at the part the
-parser reads: the pickle and central directory of a torch zip, the header of a safetensors
-or GGUF file) and structured (opcode-level edits of data.pkl, dropped or resized zip
+Seeds are the small sample checkpoints, two small GGUF files, and what real training code
+saves: a Lightning ``Trainer`` checkpoint (inert placeholders for its hyper-parameters), a
+whole pickled ``nn.Module`` with tied weights and buffers, and legacy (pre-1.6, non-zip)
+files. Mutations are raw (truncate, flip, overwrite, splice, insert, delete bytes; half of
+them aimed at the part the parser reads: the pickle and central directory of a torch zip,
+the pickles of a legacy file, the header of a safetensors or GGUF file) and structured
+(opcode-level edits of data.pkl or of a legacy file's object pickle, dropped or resized zip
 records, JSON-level edits of a safetensors header with a correct length prefix, field-level
 edits of a GGUF header: any count, length, type, dimension or offset set to an edge value,
 fields dropped or repeated). Every prefix of a GGUF file is listed too (deterministic).
@@ -53,11 +56,16 @@ CLI_EXAMPLES = max(5, EXAMPLES // 15)
 PER_EXAMPLE_SECONDS = 5.0
 MEMORY_LIMIT = 1 << 30
 
-PT_SEEDS = ("mlp.pt", "cnn.pt", "transformer.pt", "transformer_nested.pt")
+PT_SEEDS = ("mlp.pt", "cnn.pt", "transformer.pt", "transformer_nested.pt", "lightning.ckpt",
+            "module.pt")
 ST_SEEDS = ("mlp.safetensors", "cnn.safetensors", "transformer.safetensors")
+# Plain state dicts: a rewrite of a legacy file converts it to a zip state dict, and a
+# converted module's buffers would be plain tensors there (not all frozen).
+LEGACY_SEEDS = ("cnn_legacy.pt", "transformer_legacy.pt")
 
 OUTCOMES: dict[str, Counter[str]] = {"pt": Counter(), "safetensors": Counter(),
-                                     "gguf": Counter()}
+                                     "gguf": Counter(),
+                                     "legacy": Counter()}
 
 FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES,
@@ -82,8 +90,19 @@ class _Seeds(dict[str, bytes]):
 
 
 @pytest.fixture(scope="module")
-def seeds(samples_dir: Path) -> dict[str, bytes]:
-    return _Seeds({name: (samples_dir / name).read_bytes() for name in PT_SEEDS + ST_SEEDS})
+def seeds(samples_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    import torch
+    from realworld_models import lightning_checkpoint, tied_model
+
+    extra = tmp_path_factory.mktemp("fuzz_seeds")
+    lightning_checkpoint(extra / "lightning.ckpt")
+    torch.save(tied_model(), extra / "module.pt")
+    for name in ("cnn", "transformer"):
+        torch.save(torch.load(samples_dir / f"{name}.pt", weights_only=True),
+                   extra / f"{name}_legacy.pt", _use_new_zipfile_serialization=False)
+    return _Seeds({name: ((samples_dir / name) if (samples_dir / name).exists()
+                          else extra / name).read_bytes()
+                   for name in PT_SEEDS + ST_SEEDS + LEGACY_SEEDS})
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +239,27 @@ def pt_mutants(draw: st.DrawFn, seeds: dict[str, bytes]) -> bytes:
     else:
         records[name] = b""
     return _pack(records)
+
+
+def _legacy_object_pickle(data: bytes) -> tuple[int, int]:
+    """Where a legacy file's fourth pickle (the object itself) starts and ends."""
+    stream = io.BytesIO(data)
+    for _ in range(3):
+        for _op in pickletools.genops(stream):
+            pass
+    start = stream.tell()
+    for _op in pickletools.genops(stream):
+        pass
+    return start, stream.tell()
+
+
+@st.composite
+def legacy_mutants(draw: st.DrawFn, seeds: dict[str, bytes]) -> bytes:
+    data = seeds[draw(st.sampled_from(LEGACY_SEEDS))]
+    start, end = _legacy_object_pickle(data)
+    if draw(st.booleans()):
+        return draw(byte_mutations(data, [(0, start), (start, end), (end, len(data))]))
+    return data[:start] + draw(pickle_mutations(data[start:end])) + data[end:]
 
 
 _JSON = st.recursive(
@@ -491,6 +531,16 @@ def test_gguf_every_prefix(gguf_seed: tuple[bytes, int], workdir: Path) -> None:
 
 @FUZZ_SETTINGS
 @given(data=st.data())
+def test_fuzz_legacy_in_process(data: st.DataObject, seeds: dict[str, bytes],
+                                workdir: Path) -> None:
+    mutant = data.draw(legacy_mutants(seeds))
+    path = workdir / "legacy_mutant.pt"
+    path.write_bytes(mutant)
+    _check_in_process(path, "legacy", workdir)
+
+
+@FUZZ_SETTINGS
+@given(data=st.data())
 def test_fuzz_safetensors_in_process(data: st.DataObject, seeds: dict[str, bytes],
                                      workdir: Path) -> None:
     mutant = data.draw(st_mutants(seeds))
@@ -548,6 +598,14 @@ def test_fuzz_gguf_cli(data: st.DataObject, gguf_seed: tuple[bytes, int],
 
 @CLI_SETTINGS
 @given(data=st.data())
+def test_fuzz_legacy_cli(data: st.DataObject, seeds: dict[str, bytes], workdir: Path) -> None:
+    path = workdir / "cli_legacy_mutant.pt"
+    path.write_bytes(data.draw(legacy_mutants(seeds)))
+    _check_cli(path)
+
+
+@CLI_SETTINGS
+@given(data=st.data())
 def test_fuzz_safetensors_cli(data: st.DataObject, seeds: dict[str, bytes],
                               workdir: Path) -> None:
     path = workdir / "cli_mutant.safetensors"
@@ -570,5 +628,6 @@ def test_seeds_list_cleanly(seeds: dict[str, bytes], gguf_seed: tuple[bytes, int
         path.write_bytes(payload)
         inventory = inspect(str(path))
         assert inventory.params
-        _check_rewrite(path, "pt" if name.endswith(".pt") else "safetensors", workdir,
-                       len(inventory.params))
+        fmt = "legacy" if name in LEGACY_SEEDS else \
+            "safetensors" if name.endswith(".safetensors") else "pt"
+        _check_rewrite(path, fmt, workdir, len(inventory.params))

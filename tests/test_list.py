@@ -294,6 +294,8 @@ def test_mixed_dtypes_match_torch(tmp_path: Path) -> None:
 
 
 def test_saved_parameter_flags(tmp_path: Path) -> None:
+    """A file that records Parameter objects (as keep_vars=True does) tells parameters from
+    buffers itself: the plain tensors beside its Parameters are buffers (DESIGN)."""
     path = tmp_path / "params.pt"
     torch.save({
         "trainable": nn.Parameter(torch.ones(3)),
@@ -303,11 +305,12 @@ def test_saved_parameter_flags(tmp_path: Path) -> None:
     }, path)
     doc = list_json(path)
     flags = {p["name"]: p["requires_grad"] for p in doc["parameters"]}
-    assert flags == {"trainable": True, "frozen": False, "plain": True, "steps": False}
-    assert doc["totals"]["trainable"] == 7
-    assert doc["totals"]["frozen"] == 2  # the int64 "steps" counts as neither
+    assert flags == {"trainable": True, "frozen": False, "plain": False, "steps": False}
+    assert [p["name"] for p in doc["parameters"] if p["buffer"]] == ["plain", "steps"]
+    assert doc["totals"]["trainable"] == 3
+    assert doc["totals"]["frozen"] == 2  # buffers and the int64 "steps" count as neither
     assert names_of(path, "--frozen") == ["frozen"]
-    assert names_of(path, "--trainable") == ["trainable", "plain"]
+    assert names_of(path, "--trainable") == ["trainable"]
 
 
 # -- module paths vs torch ---------------------------------------------------------------------

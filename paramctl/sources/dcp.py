@@ -2,11 +2,11 @@
 
 ``list`` reads ``.metadata`` alone through the restricted pickle machine, extended with
 the handful of DCP dataclasses it holds (``Metadata``, ``TensorStorageMetadata``...), so no
-torch import and no code from the file. The frozen state lives beside the data in
-``.paramctl.json`` (``{"frozen": [...]}``): DCP ignores files it does not reference, so
-``torch.distributed.checkpoint.load`` still accepts the folder. ``init`` and conversions go
-through torch.distributed.checkpoint itself; non-tensor entries are carried as their raw
-stored bytes and are never unpickled.
+torch import and no code from the file; anything else in it is an inert placeholder. The
+frozen state lives beside the data in ``.paramctl.json`` (``{"frozen": [...]}``): DCP
+ignores files it does not reference, so ``torch.distributed.checkpoint.load`` still accepts
+the folder. ``init`` and conversions go through torch.distributed.checkpoint itself;
+non-tensor entries are carried as their raw stored bytes and are never unpickled.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from paramctl.sources.pickle_vm import (
     _DTYPE_ALIASES,
     _DTYPE_GLOBALS,
     Global,
+    Placeholder,
     _Machine,
     parse_pickle,
 )
@@ -182,6 +183,12 @@ def _read_metadata_safe(folder: Path) -> DcpMetadata:
         root = parse_pickle(data, _DcpMachine).root
     except (CorruptFileError, UnsafeFileError) as exc:
         raise type(exc)(f"{path}: {exc}") from None
+    if isinstance(root, Placeholder):
+        # Something DCP does not write (os.system(...), a user's class): kept inert here.
+        # DCP's own reader would build it, which is what --unsafe-load hands it to.
+        raise UnsafeFileError(
+            f"{path}: not DCP metadata: the pickle builds a '{root.type_name}' object, "
+            "which paramctl never runs. If you trust the file, pass --unsafe-load")
     if not isinstance(root, Obj) or root.cls != "Metadata":
         raise CorruptFileError(f"{path}: not DCP metadata")
     sdm = root.get("state_dict_metadata")

@@ -1,10 +1,25 @@
 """A restricted pickle machine for torch checkpoints that never imports or runs anything.
 
-It walks the opcode stream with :func:`pickletools.genops` and builds plain Python values
-(dicts, lists, tuples, numbers, strings) plus :class:`TensorRef` records for tensors. Only
-the handful of globals a tensor checkpoint needs are understood; anything else (a user
-class, ``os.system``, ``builtins.eval``) raises :class:`UnsafeFileError` naming it. Because
-nothing is imported, the allowlist is the whole attack surface.
+It decodes the opcode stream itself (pickletools' tables and argument readers, the common
+opcodes inline) and builds plain Python values (dicts, lists, tuples, numbers, strings)
+plus :class:`TensorRef` records for tensors. A
+handful of globals are *interpreted* by this module's own code (torch's tensor and
+Parameter rebuild functions, ``OrderedDict``, ``set``, ``torch.Size``...). Every other
+global (a user's config class, ``argparse.Namespace``, a numpy scalar, ``os.system``) is a
+:class:`Global` name that is never resolved, and what the pickle would build from it
+(REDUCE, NEWOBJ, NEWOBJ_EX, INST, OBJ, then BUILD, SETITEM(S), APPEND(S)) is an inert
+:class:`Placeholder` record: its arguments and state are kept as parsed values, so tensors
+inside it are still seen, but nothing is imported, looked up or called. No code path in
+this module, or in its callers, turns a :class:`Global` into a Python object.
+
+What is still refused: opcodes torch never writes that need a registry or an import to
+mean anything (EXT1/2/4; UnsafeFileError), malformed streams (CorruptFileError), and calls
+to the interpreted globals with arguments they do not take (``bytearray(2**30)``, a
+``_rebuild_tensor_v2`` whose shape is not a tuple of ints): those would be wrong to guess.
+A torch rebuild function this module does not interpret (``_rebuild_qtensor``...) gives a
+placeholder like any other; :func:`opaque_tensor` lets a caller refuse one where a tensor
+is expected instead of skipping it. Every bound (nesting depth, work budget, sizes, memo)
+applies to placeholders as well.
 
 It also records where each tensor is defined in the byte stream, so a writer can rewrite
 the pickle by splicing a few opcodes and leave every other byte as it was.
@@ -14,11 +29,12 @@ from __future__ import annotations
 
 import io
 import math
+import mmap
 import pickletools
 import reprlib
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +44,10 @@ __all__ = [
     "STORAGE_DTYPES",
     "Global",
     "ParsedPickle",
+    "Placeholder",
     "StorageRef",
     "TensorRef",
+    "opaque_tensor",
     "parse_pickle",
 ]
 
@@ -103,6 +121,7 @@ _INT64_MAX = (1 << 63) - 1
 # hashed or copied in total are bounded by the pickle's size plus this allowance.
 _MAX_NESTING = 100
 _WORK_ALLOWANCE = 1 << 20
+_MAX_WORK_BYTES = 1 << 30
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
 
@@ -125,6 +144,86 @@ class Global:
     @property
     def dotted(self) -> str:
         return f"{self.module}.{self.name}"
+
+    @property
+    def shown(self) -> str:
+        """``dotted``, bounded and on one line, for messages."""
+        dotted = self.dotted
+        if not dotted.isprintable() or len(dotted) > 200:
+            dotted = _short(dotted)[1:-1]
+        return dotted
+
+    @property
+    def description(self) -> str:
+        return f"pickled reference to {self.shown}"
+
+
+@dataclass(eq=False, repr=False)
+class Placeholder:
+    """What the pickle would build by calling ``factory`` (a class or function it names),
+    recorded inert: nothing is imported, looked up or called.
+
+    ``args`` (and ``kwargs`` for NEWOBJ_EX) are what the call would get, ``state`` what
+    BUILD would set (the object's ``__dict__`` for a plain class, a ``(dict, slots)`` pair,
+    or any value a ``__setstate__`` would take), ``items`` and ``elements`` what SETITEM(S)
+    and APPEND(S) would add to a dict or list subclass. Hashing is by identity, like the
+    objects it stands for, so a placeholder can be a dictionary key at no cost.
+    """
+
+    factory: Global | Placeholder
+    args: tuple[Any, ...] = ()
+    kwargs: dict[Any, Any] | None = None
+    state: Any = None
+    items: dict[Any, Any] | None = None
+    elements: list[Any] | None = None
+
+    @property
+    def type_name(self) -> str:
+        """The dotted name of what would be called, e.g. ``argparse.Namespace``."""
+        node: Global | Placeholder = self.factory
+        calls = 0
+        while isinstance(node, Placeholder) and calls < 3:
+            node, calls = node.factory, calls + 1
+        if isinstance(node, Placeholder):
+            return "(a call result)" + "()" * calls
+        return node.shown + "()" * calls
+
+    @property
+    def description(self) -> str:
+        return f"pickled {self.type_name} object"
+
+    def attributes(self) -> dict[Any, Any]:
+        """The attributes BUILD would set (``__dict__`` and slots); empty if none."""
+        state = self.state
+        if isinstance(state, dict):
+            return state
+        if isinstance(state, tuple) and len(state) == 2 and all(
+                isinstance(s, dict | type(None)) for s in state):
+            return {**(state[0] or {}), **(state[1] or {})}
+        return {}
+
+    def fields(self) -> dict[Any, Any]:
+        """Everything reachable by name: dict items (a dict subclass), then attributes."""
+        attributes = self.attributes()
+        return {**self.items, **attributes} if self.items else attributes
+
+    def __repr__(self) -> str:
+        return f"<inert {self.type_name} object>"
+
+
+def opaque_tensor(value: Any) -> str | None:
+    """The name of the torch function or class behind ``value`` when it is a tensor this
+    reader cannot describe (quantized, sparse, nested, a subclass, an uninitialised
+    Parameter...); ``None`` for anything else."""
+    if not isinstance(value, Placeholder):
+        return None
+    factory = value.factory
+    if isinstance(factory, Placeholder):
+        return None
+    if factory.module.split(".")[0] == "torch" and (
+            factory.name.startswith("_rebuild") or factory.name.startswith("Uninitialized")):
+        return factory.shown
+    return None
 
 
 @dataclass(frozen=True)
@@ -170,6 +269,8 @@ class ParsedPickle:
     # filled by SETITEM(S): what a writer splices to rename or drop an entry.
     entries: dict[int, dict[Any, tuple[Span, Span]]] = field(default_factory=dict)
     _keep: list[Any] = field(default_factory=list, repr=False)
+    end: int = 0  # offset just past STOP
+    storages: dict[str, StorageRef] = field(default_factory=dict)  # every persistent id
 
 
 class _Mark:
@@ -179,14 +280,29 @@ class _Mark:
 _MARK = _Mark()
 
 
-def _module_refusal(g: Global) -> UnsafeFileError:
-    dotted = g.dotted
-    if not dotted.isprintable() or len(dotted) > 200:
-        dotted = _short(dotted)[1:-1]
-    return UnsafeFileError(
-        f"refusing to load global '{dotted}': the pickle would import or run code "
-        "(not a plain tensor checkpoint). If you trust this file, pass --unsafe-load"
-    )
+# The encodings of a bool argument (protocol 2+ and 0/1): a requires_grad flag a writer may
+# flip in place. Anything longer (a memo PUT after it...) is not spliced.
+_BOOL_OPCODES = frozenset({b"\x88", b"\x89", b"I01\n", b"I00\n"})
+# copyreg helpers that protocols 0 and 1 wrap a class in: report the class itself.
+_RECONSTRUCTORS = frozenset({("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor"),
+                             ("copyreg", "__newobj__"), ("copy_reg", "__newobj__")})
+
+
+# The opcode table, by byte, and the argument layouts decoded without pickletools.
+_OPCODES = {op.code.encode("latin-1")[0]: op for op in pickletools.opcodes}
+_NO_ARGUMENT = frozenset(code for code, op in _OPCODES.items() if op.arg is None)
+_ONE_BYTE_ARGUMENT = frozenset(b"qhK")  # BINPUT, BINGET, BININT1
+_UINT4 = struct.Struct("<I").unpack_from  # struct.error when cut short
+_FIXED_INT_ARGUMENT = {ord("M"): (struct.Struct("<H").unpack_from, 2),  # BININT2
+                       ord("J"): (struct.Struct("<i").unpack_from, 4),  # BININT
+                       ord("r"): (_UINT4, 4), ord("j"): (_UINT4, 4)}  # LONG_BINPUT/GET
+_SHORT_BINUNICODE, _BINUNICODE, _BINFLOAT, _STOP = 0x8C, ord("X"), ord("G"), ord(".")
+
+
+def _utf8(raw: bytes, length: int) -> str:
+    if len(raw) != length:
+        raise ValueError("pickle exhausted in the middle of a string")
+    return str(raw, "utf-8", "surrogatepass")  # as pickletools and pickle decode it
 
 
 def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
@@ -198,8 +314,14 @@ def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
 
 
 class _Machine:
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | mmap.mmap, start: int = 0, *,
+                 trailing: bool = False) -> None:
+        # ``data`` holds the pickle from ``start``; with ``trailing`` more may follow STOP
+        # (a legacy torch file is a sequence of pickles, memory-mapped).
         self.data = data
+        self.start = start
+        self.trailing = trailing
+        self.end = 0
         self.stack: list[Any] = []
         self.starts: list[int] = []
         self.marks: list[tuple[int, int]] = []  # (stack length, position)
@@ -208,10 +330,11 @@ class _Machine:
         self.frames: list[Span] = []
         self.tuple_spans: dict[int, list[Span]] = {}
         self.nesting: dict[int, tuple[int, int]] = {}  # id -> (depth, elements in all)
-        self.work = len(data) + _WORK_ALLOWANCE
+        self.work = min(len(data) - start, _MAX_WORK_BYTES) + _WORK_ALLOWANCE
         self.keep: list[Any] = []
         self.protocol = 0
         self.entries: dict[int, dict[Any, tuple[Span, Span]]] = {}
+        self.storages: dict[str, StorageRef] = {}
 
     # -- stack helpers -------------------------------------------------------------
     def push(self, value: Any, start: int) -> None:
@@ -242,26 +365,62 @@ class _Machine:
 
     # -- main loop -------------------------------------------------------------------
     def run(self) -> Any:
-        ops: Iterator[tuple[Any, Any, int | None]] = pickletools.genops(io.BytesIO(self.data))
-        for op, arg, pos_or_none in ops:
-            pos = pos_or_none or 0
-            # Only REDUCE/NEWOBJ/STOP (no argument) and FRAME (8 bytes) use ``end``.
-            name = op.name
-            end = pos + 9 if name == "FRAME" else pos + 1
-            if name == "STOP":
+        # The opcode stream is decoded here rather than by pickletools.genops (a generator
+        # re-reading through a file object), which was most of the time on a pickle holding
+        # many small objects: the opcodes torch's pickler writes most are decoded inline,
+        # every other one through pickletools' own argument reader.
+        data, size, pos = self.data, len(self.data), self.start
+        arg: Any
+        handlers = self.handlers()
+        stream: Any = None
+        while pos < size:
+            code = data[pos]
+            p = pos + 1
+            if code in _NO_ARGUMENT:
+                arg, end = None, p
+            elif code in _ONE_BYTE_ARGUMENT:
+                arg, end = data[p], p + 1
+            elif code == _SHORT_BINUNICODE:
+                end = p + 1 + data[p]
+                arg = _utf8(data[p + 1:end], end - p - 1)
+            elif code == _BINUNICODE:
+                end = p + 4 + _UINT4(data, p)[0]
+                arg = _utf8(data[p + 4:end], end - p - 4)
+            elif code in _FIXED_INT_ARGUMENT:
+                unpack, width = _FIXED_INT_ARGUMENT[code]
+                arg, end = unpack(data, p)[0], p + width
+            elif code == _BINFLOAT:
+                arg, end = struct.unpack_from(">d", data, p)[0], p + 8
+            else:
+                op = _OPCODES.get(code)
+                if op is None:
+                    raise ValueError(f"at position {pos}, opcode {bytes([code])!r} unknown")
+                if stream is None:
+                    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+                stream.seek(p)
+                arg = op.arg.reader(stream) if op.arg is not None else None
+                end = stream.tell()
+            if code == _STOP:
                 if len(self.stack) != 1:
                     raise CorruptFileError("pickle ends with a malformed stack")
-                if end != len(self.data):
+                if end != size and not self.trailing:
                     raise CorruptFileError("data after the end of the pickle")
+                self.end = end
                 return self.stack[0]
-            handler = getattr(self, "op_" + name, None)
+            handler = handlers.get(code)
             if handler is None:
                 raise UnsafeFileError(
-                    f"unsupported pickle opcode {name} (not used by torch checkpoints); "
-                    "if you trust this file, pass --unsafe-load"
+                    f"unsupported pickle opcode {_OPCODES[code].name} (not used by torch "
+                    "checkpoints); if you trust this file, pass --unsafe-load"
                 )
             handler(arg, pos, end)
+            pos = end
         raise CorruptFileError("pickle has no STOP opcode (truncated?)")
+
+    def handlers(self) -> dict[int, Callable[[Any, int, int], None]]:
+        """Opcode byte -> bound handler, looked up once per run instead of per opcode."""
+        return {code: getattr(self, "op_" + op.name) for code, op in _OPCODES.items()
+                if hasattr(self, "op_" + op.name)}
 
     # -- simple values -----------------------------------------------------------------
     def _value(self, arg: Any, pos: int, end: int) -> None:
@@ -346,6 +505,8 @@ class _Machine:
         self.push(t, start)
 
     def _spans(self, starts: list[int], end: int) -> list[Span]:
+        if not starts:  # "(t": protocol 0's empty tuple
+            return []
         ends = [*starts[1:], end]
         return list(zip(starts, ends, strict=True))
 
@@ -396,33 +557,45 @@ class _Machine:
                 f"unhashable dictionary key in pickle: {type(k).__name__}") from None
         return k
 
+    def _list_target(self, what: str) -> list[Any]:
+        target = self.top()
+        if isinstance(target, Placeholder):  # a list subclass: record what it would hold
+            if target.elements is None:
+                target.elements = []
+            return target.elements
+        if not isinstance(target, list):
+            raise CorruptFileError(f"pickle {what} to a {_kind(target)}")
+        return target
+
+    def _dict_target(self, what: str) -> dict[Any, Any]:
+        target = self.top()
+        if isinstance(target, Placeholder):  # a dict subclass (defaultdict, AttributeDict)
+            if target.items is None:
+                target.items = {}
+            return target.items
+        if not isinstance(target, dict):
+            raise CorruptFileError(f"pickle {what} on a {_kind(target)}")
+        return target
+
     def op_APPEND(self, arg: Any, pos: int, end: int) -> None:
         value, _ = self.pop()
-        target = self.top()
-        if not isinstance(target, list):
-            raise CorruptFileError(f"pickle APPEND to a {type(target).__name__}")
-        target.append(value)
+        self._list_target("APPEND").append(value)
 
     def op_APPENDS(self, arg: Any, pos: int, end: int) -> None:
         items, _, _ = self.pop_mark()
-        target = self.top()
-        if not isinstance(target, list):
-            raise CorruptFileError(f"pickle APPENDS to a {type(target).__name__}")
-        target.extend(items)
+        self._list_target("APPENDS").extend(items)
 
     def op_SETITEM(self, arg: Any, pos: int, end: int) -> None:
         value, value_start = self.pop()
         key, key_start = self.pop()
-        target = self.top()
-        if not isinstance(target, dict):
-            raise CorruptFileError(f"pickle SETITEM on a {type(target).__name__}")
+        target = self._dict_target("SETITEM")
         target[self._key(key)] = value
         self._entry(target, key, (key_start, value_start), (value_start, pos))
 
     def op_SETITEMS(self, arg: Any, pos: int, end: int) -> None:
         items, starts, _ = self.pop_mark()
-        target = self.top()
-        if not isinstance(target, dict) or len(items) % 2:
+        target = self._dict_target("SETITEMS")
+        if len(items) % 2:
             raise CorruptFileError("pickle SETITEMS is malformed")
         spans = self._spans(starts, pos)
         for i, (k, v) in enumerate(zip(items[::2], items[1::2], strict=True)):
@@ -465,17 +638,8 @@ class _Machine:
 
     # -- globals and calls -------------------------------------------------------------
     def _global(self, module: str, name: str, pos: int) -> None:
-        g = Global(module, name)
-        if (module, name) in _CALLABLE_GLOBALS:
-            self.push(g, pos)
-            return
-        if module == "torch" and (name in STORAGE_DTYPES or name in _DTYPE_GLOBALS):
-            self.push(g, pos)
-            return
-        if (module, name) in {("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")}:
-            self.push(g, pos)
-            return
-        raise _module_refusal(g)
+        # Only a name: nothing is looked up. What a call to it builds is decided in _call.
+        self.push(Global(module, name), pos)
 
     def op_GLOBAL(self, arg: Any, pos: int, end: int) -> None:
         module, _, name = str(arg).partition(" ")
@@ -488,59 +652,88 @@ class _Machine:
             raise CorruptFileError("pickle STACK_GLOBAL needs two strings")
         self._global(module, name, start)
 
+    def _construct(self, func: Any, args: tuple[Any, ...], spans: list[Span] | None,
+                   span: Span) -> Any:
+        """``func(*args)`` as REDUCE, INST and OBJ mean it: interpreted or inert."""
+        if isinstance(func, Placeholder):  # calling what a call returned: inert too
+            return Placeholder(func, args)
+        if not isinstance(func, Global):
+            raise CorruptFileError(f"pickle calls a non-callable {_kind(func)}")
+        return self._call(func, args, spans, span)
+
     def op_REDUCE(self, arg: Any, pos: int, end: int) -> None:
         args, _ = self.pop()
         func, start = self.pop()
-        if not isinstance(func, Global):
-            raise CorruptFileError(f"pickle calls a non-callable {type(func).__name__}")
+        if not isinstance(func, Global | Placeholder):
+            raise CorruptFileError(f"pickle calls a non-callable {_kind(func)}")
         if not isinstance(args, tuple):
             raise CorruptFileError("pickle REDUCE arguments are not a tuple")
         spans = self.tuple_spans.get(id(args))
-        self.push(self._call(func, args, spans, (start, end)), start)
+        self.push(self._construct(func, args, spans, (start, end)), start)
 
     def op_NEWOBJ(self, arg: Any, pos: int, end: int) -> None:
         args, _ = self.pop()
         cls, start = self.pop()
-        if not isinstance(cls, Global) or not isinstance(args, tuple):
+        if not isinstance(cls, Global | Placeholder) or not isinstance(args, tuple):
             raise CorruptFileError("pickle NEWOBJ is malformed")
-        if (cls.module, cls.name) not in {("collections", "OrderedDict"), ("builtins", "set")}:
-            raise _module_refusal(cls)
-        self.push(self._call(cls, args, None, (start, end)), start)
+        if isinstance(cls, Global) and (cls.module, cls.name) in {
+                ("collections", "OrderedDict"), ("builtins", "set")}:
+            self.push(self._call(cls, args, None, (start, end)), start)
+            return
+        self.push(_placeholder(cls, args), start)
 
-    # Opcodes torch never writes that create objects: refuse them naming the class.
     def op_NEWOBJ_EX(self, arg: Any, pos: int, end: int) -> None:
-        self.pop()
-        self.pop()
-        cls, _ = self.pop()
-        if isinstance(cls, Global):
-            raise _module_refusal(cls)
-        raise CorruptFileError("pickle NEWOBJ_EX is malformed")
+        kwargs, _ = self.pop()
+        args, _ = self.pop()
+        cls, start = self.pop()
+        if not isinstance(cls, Global | Placeholder) or not isinstance(args, tuple) \
+                or not isinstance(kwargs, dict):
+            raise CorruptFileError("pickle NEWOBJ_EX is malformed")
+        self.push(Placeholder(cls, args, kwargs), start)
 
     def op_INST(self, arg: Any, pos: int, end: int) -> None:
         module, _, name = str(arg).partition(" ")
-        raise _module_refusal(Global(module, name))
+        items, _, mark_pos = self.pop_mark()
+        self.push(self._construct(Global(module, name), tuple(items), None, (mark_pos, end)),
+                  mark_pos)
 
     def op_OBJ(self, arg: Any, pos: int, end: int) -> None:
-        items, _, _ = self.pop_mark()
-        if items and isinstance(items[0], Global):
-            raise _module_refusal(items[0])
-        raise CorruptFileError("pickle OBJ is malformed")
+        items, _, mark_pos = self.pop_mark()
+        if not items or not isinstance(items[0], Global | Placeholder):
+            raise CorruptFileError("pickle OBJ is malformed")
+        self.push(self._construct(items[0], tuple(items[1:]), None, (mark_pos, end)),
+                  mark_pos)
 
     def op_BUILD(self, arg: Any, pos: int, end: int) -> None:
         state, _ = self.pop()
         target = self.top()
+        if isinstance(target, Placeholder):
+            self._set_state(target, state)
+            return
         # torch pickles an OrderedDict state dict with its `_metadata` attribute as
         # BUILD state; record nothing, change nothing.
         if isinstance(target, dict) and isinstance(state, dict | tuple | type(None)):
             return
-        raise CorruptFileError(f"pickle BUILD on a {type(target).__name__}")
+        raise CorruptFileError(f"pickle BUILD on a {_kind(target)}")
+
+    def _set_state(self, target: Placeholder, state: Any) -> None:
+        """BUILD again on the same object updates its ``__dict__`` (or replaces the state a
+        ``__setstate__`` would get): keep what a reader of attributes would see."""
+        old = target.state
+        if isinstance(old, dict) and isinstance(state, dict) and old is not state:
+            self._charge(len(old) + len(state))
+            target.state = {**old, **state}
+        else:
+            target.state = state
 
     def op_PERSID(self, arg: Any, pos: int, end: int) -> None:
         raise CorruptFileError("text persistent ids are not used by torch checkpoints")
 
     def op_BINPERSID(self, arg: Any, pos: int, end: int) -> None:
         pid, start = self.pop()
-        self.push(self._storage(pid), start)
+        ref = self._storage(pid)
+        self.storages.setdefault(ref.key, ref)
+        self.push(ref, start)
 
     def _storage(self, pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -564,20 +757,28 @@ class _Machine:
         if key in (_REBUILD_TENSOR, _REBUILD_TENSOR_V3):
             return self._tensor(key == _REBUILD_TENSOR_V3, args, span)
         if key in (_REBUILD_PARAM, _REBUILD_PARAM_STATE):
+            if len(args) >= 3 and opaque_tensor(args[0]):
+                return Placeholder(func, args)  # a Parameter of a tensor kind not read here
             if len(args) < 3 or not isinstance(args[0], TensorRef):
                 raise CorruptFileError("malformed torch.nn.Parameter in pickle")
             data, grad = args[0], args[1]
             if not isinstance(grad, bool):
                 raise CorruptFileError("malformed Parameter.requires_grad in pickle")
+            grad_span = spans[1] if spans else None
+            if grad_span is not None and \
+                    self.data[grad_span[0]:grad_span[1]] not in _BOOL_OPCODES:
+                grad_span = None  # not one plain bool opcode: never spliced
             ref = TensorRef(
                 data.storage, data.offset, data.shape, data.stride, data.dtype, grad, True,
-                span, grad_span=spans[1] if spans else None, data=data,
+                span, grad_span=grad_span, data=data,
             )
             if self.tensors and self.tensors[-1] is data:
                 self.tensors[-1] = ref
             else:
                 self.tensors.append(ref)
             return ref
+        if key not in _CALLABLE_GLOBALS:
+            return _placeholder(func, args)
         # Every call below copies at most its argument: charge that against the budget,
         # and hash keys and set members through _key.
         source = args[0] if args else ()
@@ -621,7 +822,7 @@ class _Machine:
                 return slice(*args)
         except (TypeError, ValueError) as exc:
             raise CorruptFileError(f"malformed {func.dotted} call in pickle: {exc}") from None
-        raise _module_refusal(func)
+        raise AssertionError(f"allowlisted global without an interpretation: {key}")
 
     def _tensor(self, v3: bool, args: tuple[Any, ...], span: Span) -> TensorRef:
         if len(args) < (7 if v3 else 6) or not isinstance(args[0], StorageRef):
@@ -648,6 +849,22 @@ class _Machine:
         return ref
 
 
+def _placeholder(factory: Global | Placeholder, args: tuple[Any, ...]) -> Placeholder:
+    """An inert record of ``factory(*args)``; protocol 0/1's copyreg wrappers name the
+    class they wrap."""
+    if isinstance(factory, Global) and (factory.module, factory.name) in _RECONSTRUCTORS \
+            and args and isinstance(args[0], Global | Placeholder):
+        return Placeholder(args[0], args[1:])
+    return Placeholder(factory, args)
+
+
+def _kind(value: Any) -> str:
+    """What a value is, for a message (an inert object is named by its class)."""
+    if isinstance(value, Placeholder | Global):
+        return value.description
+    return type(value).__name__
+
+
 def _numel_over(shape: tuple[int, ...], limit: int) -> bool:
     """Whether the product of ``shape`` exceeds ``limit`` (without building a huge int)."""
     if 0 in shape:
@@ -660,14 +877,17 @@ def _numel_over(shape: tuple[int, ...], limit: int) -> bool:
     return False
 
 
-def parse_pickle(data: bytes, machine_class: type[_Machine] | None = None) -> ParsedPickle:
+def parse_pickle(data: bytes | mmap.mmap, machine_class: type[_Machine] | None = None, *,
+                 start: int = 0, trailing: bool = False) -> ParsedPickle:
     """Run the restricted machine over ``data`` (a torch ``data.pkl``).
 
-    ``machine_class`` extends the allowlist (DCP's metadata records). Raises
-    :class:`UnsafeFileError` for any global outside the allowlist and
+    ``machine_class`` extends what is interpreted (DCP's metadata records, legacy storage
+    ids). ``start`` and ``trailing`` read one pickle of a sequence (``ParsedPickle.end``
+    says where it stopped). Unknown globals become inert :class:`Placeholder` records;
+    raises :class:`UnsafeFileError` for an opcode that needs imports to mean anything and
     :class:`CorruptFileError` for a malformed stream.
     """
-    machine = (machine_class or _Machine)(data)
+    machine = (machine_class or _Machine)(data, start, trailing=trailing)
     try:
         root = machine.run()
     except (UnsafeFileError, CorruptFileError):
@@ -679,4 +899,5 @@ def parse_pickle(data: bytes, machine_class: type[_Machine] | None = None) -> Pa
         detail = " ".join(str(exc).split())[:200]
         raise CorruptFileError(f"malformed pickle: {detail}") from None
     return ParsedPickle(root, machine.tensors, machine.frames, machine.protocol,
-                        entries=machine.entries, _keep=machine.keep)
+                        entries=machine.entries, _keep=machine.keep, end=machine.end,
+                        storages=machine.storages)

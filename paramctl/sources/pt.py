@@ -1,16 +1,20 @@
 """torch zip checkpoints (``.pt .pth .bin .ckpt``), read and rewritten without torch.
 
-Reading runs :mod:`paramctl.sources.pickle_vm` over ``data.pkl``. Freezing splices the
-pickle: a plain tensor entry becomes ``torch._utils._rebuild_parameter(<tensor>, False,
-OrderedDict())`` (exactly what ``torch.save`` writes for a frozen ``nn.Parameter``), an
-existing Parameter has its ``requires_grad`` byte flipped. Every other pickle byte and every
+Reading runs :mod:`paramctl.sources.pickle_vm` over ``data.pkl``: objects beside the
+tensors (hyper-parameters, numpy scalars, a user's config class) are inert placeholders,
+and a whole pickled ``nn.Module`` is walked (:mod:`paramctl.sources.pickled_module`).
+Legacy (pre-1.6, non-zip) files are read by :mod:`paramctl.sources.pt_legacy`.
+
+Freezing splices the pickle: a plain tensor entry becomes
+``torch._utils._rebuild_parameter(<tensor>, False, OrderedDict())`` (exactly what
+``torch.save`` writes for a frozen ``nn.Parameter``), an existing Parameter (a module's,
+too) has its ``requires_grad`` byte flipped. Every other pickle byte and every
 tensor record is copied unchanged.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from paramctl.model import (
 from paramctl.sources.adapter import adapter_extra
 from paramctl.sources.base import OpenOptions, local_only, register
 from paramctl.sources.pickle_vm import ParsedPickle, TensorRef, parse_pickle
+from paramctl.sources.pickled_module import find_tensors
 from paramctl.sources.statedict import find_state_dict
 
 __all__ = ["EXTENSIONS", "PtSource", "UnsafePtSource", "open_pt"]
@@ -48,54 +53,18 @@ def _is_pickle(name: str) -> bool:
     return name.endswith("data.pkl") and name.count("/") == 1
 
 
-def _first_unsafe_global(data: bytes) -> str | None:
-    """Scan the successive pickles of a legacy torch file, without running them, for the
-    first global a tensor checkpoint would not need."""
-    import io
-    import pickletools
-
-    from paramctl.sources.pickle_vm import _Machine
-
-    stream = io.BytesIO(data)
-    checker = _Machine(b"")
-    strings: list[str] = []
-    try:
-        for _ in range(8):  # magic, protocol, sys info, the object, storage keys
-            if stream.tell() >= len(data):
-                return None
-            for op, arg, _pos in pickletools.genops(stream):
-                if isinstance(arg, str):
-                    strings = [*strings[-1:], arg]
-                name = None
-                if op.name in ("GLOBAL", "INST"):
-                    name = str(arg).replace(" ", ".", 1)
-                elif op.name == "STACK_GLOBAL" and len(strings) == 2:
-                    name = ".".join(strings)
-                if name is not None:
-                    module, _, attr = name.rpartition(".")
-                    try:
-                        checker._global(module, attr, 0)
-                    except UnsafeFileError:
-                        return name
-                if op.name == "STOP":
-                    break
-    except (ValueError, EOFError, UnicodeError, struct.error):
-        return None
-    return None
+def is_legacy(head: bytes) -> bool:
+    """Whether a file starting with ``head`` may be a legacy (pre-1.6, non-zip) torch file:
+    a pickle (protocol 2 or later, as every torch release wrote) rather than a zip."""
+    return head[:1] == b"\x80"
 
 
 def _classify_non_zip(path: str, head: bytes, reader: ByteReader) -> SourceError:
     if not head:
         return CorruptFileError(f"{path}: the file is empty")
-    if head[:1] == b"\x80":
-        scan = _LEGACY_SCAN_REMOTE if is_remote(path) else _LEGACY_SCAN
-        bad = _first_unsafe_global(reader.pread(scan, 0))
-        what = f"it refers to global '{bad}', and reading it" if bad else "reading it"
-        return UnsafeFileError(
-            f"{path}: legacy (pre-1.6, non-zip) torch format; {what} means unpickling "
-            "arbitrary objects. If you trust the file, pass --unsafe-load, or re-save it "
-            "with torch.save"
-        )
+    if is_legacy(head):  # open_pt reads these with the legacy reader
+        return CorruptFileError(f"{path}: legacy (pre-1.6, non-zip) torch format, not a zip "
+                                "archive")
     if head.startswith(b"PK"):
         return CorruptFileError(f"{path}: damaged zip archive")
     return CorruptFileError(f"{path}: not a torch checkpoint (not a zip archive)")
@@ -137,17 +106,24 @@ class PtSource:
             self.parsed: ParsedPickle = parse_pickle(self.pickle_bytes)
         except (UnsafeFileError, CorruptFileError) as exc:
             raise type(exc)(f"{path}: {exc}") from None
-        self.key_path, state = find_state_dict(
-            self.parsed.root, lambda v: isinstance(v, TensorRef), options.key, path=path
-        )
-        self.tensors: dict[str, TensorRef] = {
-            str(k): v for k, v in state.items() if isinstance(v, TensorRef)
-        }
-        # Where each entry of the state dict is in the pickle (renames and drops splice it).
-        self.entry_spans = self.parsed.entries.get(id(state), {})
-        # Only tensors, directly under the root: a fresh state dict loses nothing.
-        self.plain = not self.key_path and len(self.tensors) == len(state)
+        self._find_tensors(path, options)
         self._check_storages()
+
+    def _find_tensors(self, path: str, options: OpenOptions) -> None:
+        found = find_tensors(self.parsed.root, options.key, path=path, data=self.pickle_bytes)
+        self.key_path = found.key_path
+        self.tensors: dict[str, TensorRef] = found.tensors
+        # Known from the file itself (a pickled module, a keep_vars state dict): never
+        # trainable, never frozen.
+        self.buffers = found.buffers
+        self.non_persistent = found.non_persistent  # listed, but no part of a state dict
+        self.from_module = found.module
+        # Where each entry of the state dict is in the pickle (renames and drops splice it).
+        self.entry_spans = self.parsed.entries.get(found.state_id, {}) if found.state_id \
+            else {}
+        # Only tensors, directly under the root: a fresh state dict loses nothing.
+        self.plain = (not self.key_path and not found.module
+                      and len(self.tensors) == found.state_size)
 
     # -- reading -----------------------------------------------------------------------
     def _find_pickle(self, path: str) -> Record:
@@ -193,13 +169,15 @@ class PtSource:
         out = []
         for name, ref in self.tensors.items():
             frozen = ref.is_parameter and not ref.requires_grad
+            buffer = name in self.buffers
             out.append(ParamInfo(
                 name=name,
                 shape=ref.shape,
                 dtype=ref.dtype,
                 numel=ref.numel,
                 nbytes=ref.numel * DTYPE_SIZES.get(ref.dtype, 1),
-                requires_grad=ref.dtype in FLOAT_DTYPES and not frozen,
+                requires_grad=ref.dtype in FLOAT_DTYPES and not frozen and not buffer,
+                buffer=buffer,
                 tied=tied[name],
             ))
         return mark_buffers(out)
@@ -237,18 +215,38 @@ class PtSource:
 
     # -- tensors for the Python API ------------------------------------------------------
     def load_tensors(self) -> dict[str, Any]:
-        """Real tensors (memory-mapped) keyed by name, through torch's own loader."""
+        """The state dict's tensors keyed by name, made from the stored bytes the reader
+        located (the pickle is not run again, by torch or anyone): views of a private
+        copy-on-write mapping of the file, so nothing is read before it is used, and tied
+        names share memory as they did when saved."""
+        import mmap
+
         local_only(self.display, self.remote)
+
         import torch
 
-        try:
-            root = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # torch raises many types for bad files
-            raise CorruptFileError(f"{self.display}: torch.load failed: {exc}") from None
-        node: Any = root
-        for k in self.key_path:
-            node = node[k]
-        return {str(k): v for k, v in node.items() if isinstance(v, torch.Tensor)}
+        from paramctl.tensors import torch_dtype
+
+        with LocalReader(str(self.path)) as reader:
+            if reader.identity != self.identity:
+                raise SourceError(f"{self.display} changed while paramctl was reading it")
+            mapped = mmap.mmap(reader.fd, 0, access=mmap.ACCESS_COPY) if reader.size \
+                else None
+        bases: dict[str, torch.Tensor] = {}
+        out: dict[str, Any] = {}
+        for name, ref in self.tensors.items():
+            if name in self.non_persistent:
+                continue
+            rec = self._storage_record(ref)
+            base = bases.get(rec.name)
+            if base is None:
+                base = torch.empty(0, dtype=torch.uint8) if not rec.size or mapped is None \
+                    else torch.frombuffer(mapped, dtype=torch.uint8, count=rec.size,
+                                          offset=rec.offset)
+                bases[rec.name] = base
+            out[name] = base.view(torch_dtype(ref.dtype)).as_strided(
+                ref.shape, ref.stride, ref.offset)
+        return out
 
 
 class UnsafePtSource:
@@ -322,9 +320,55 @@ class UnsafePtSource:
                 for p in self.params()]
 
 
+class LegacyPtSource(PtSource):
+    """A legacy (pre-1.6, non-zip) torch file (:mod:`paramctl.sources.pt_legacy` parses
+    it): listed like a zip checkpoint, written only to a new file."""
+
+    format = "pt"
+    # Pickle and data are one stream: written only to a new file, through a conversion
+    # (writers refuse an in-place rewrite).
+    legacy = True
+
+    def __init__(self, path: str, options: OpenOptions) -> None:
+        import mmap
+
+        from paramctl.sources.pt_legacy import read_legacy
+
+        self.display = path
+        self.path = Path(path)
+        self.options = options
+        self.remote = False
+        with LocalReader(path) as reader:
+            self.identity = reader.identity
+            size = reader.size
+            if size == 0:
+                raise CorruptFileError(f"{path}: the file is empty")
+            with mmap.mmap(reader.fd, 0, access=mmap.ACCESS_READ) as data:
+                self.parsed, self.by_name, self.pickle_bytes = read_legacy(path, data)
+        self.prefix = ""
+        self.zip_records = list(self.by_name.values())
+        self._find_tensors(path, options)
+        self.file_size = size
+        self._check_storages()
+
+    def conversion_warnings(self, out: Path) -> list[str]:
+        if self.from_module and not self.key_path:
+            return [f"{out} holds the pickled module's parameters and buffers as a state "
+                    "dict; the module object itself is not carried over"]
+        return []
+
+
 def open_pt(path: str, options: OpenOptions) -> PtSource | UnsafePtSource:
-    """The torch-free reader, or with ``--unsafe-load`` the real unpickler as a fallback."""
+    """The torch-free reader (zip or legacy format), or with ``--unsafe-load`` the real
+    unpickler as a fallback for what that reader cannot parse."""
     try:
+        reader = open_reader(path)
+        try:
+            head = reader.pread(4, 0)
+        finally:
+            reader.close()
+        if is_legacy(head):
+            return LegacyPtSource(path, options)
         return PtSource(path, options)
     except UnsafeFileError:
         if not options.unsafe_load:

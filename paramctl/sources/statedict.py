@@ -7,7 +7,7 @@ from typing import Any
 
 from paramctl.errors import SourceError
 
-__all__ = ["WRAPPER_KEYS", "find_state_dict", "strip_prefix"]
+__all__ = ["WRAPPER_KEYS", "View", "find_state_dict", "strip_prefix"]
 
 WRAPPER_KEYS = (
     "state_dict",
@@ -20,69 +20,104 @@ WRAPPER_KEYS = (
 )
 
 IsTensor = Callable[[Any], bool]
+# How to look inside a value that is not a Mapping (an object's attributes, a module's
+# tensors by name); None when it holds nothing to look into.
+View = Callable[[Any], Mapping[Any, Any] | None]
+
+
+def _no_view(value: Any) -> Mapping[Any, Any] | None:
+    return None
+
+
+def _as_mapping(value: Any, view: View) -> Mapping[Any, Any] | None:
+    return value if isinstance(value, Mapping) else view(value)
 
 
 def _has_tensors(value: Any, is_tensor: IsTensor) -> bool:
     return isinstance(value, Mapping) and any(is_tensor(v) for v in value.values())
 
 
-def _describe_keys(value: Any) -> str:
-    if not isinstance(value, Mapping):
-        return f"the file holds a {type(value).__name__}, not a dict"
-    keys = [str(k) for k in value][:12]
-    more = ", ..." if len(value) > 12 else ""
-    return f"top-level keys: {', '.join(keys)}{more}" if keys else "the dict is empty"
+def _kind(value: Any) -> str:
+    # What a pickle reader built says what it is ("pickled argparse.Namespace object").
+    description = getattr(value, "description", None)
+    return description if isinstance(description, str) else type(value).__name__
 
 
-def _by_key(root: Any, key: str) -> tuple[tuple[str, ...], Any]:
+def _text(key: Any) -> str:
+    """A key from the file, bounded (an int of a million digits cannot even be printed)."""
+    try:
+        return str(key)[:60]
+    except ValueError:
+        return f"<{type(key).__name__}>"
+
+
+def _describe_keys(value: Any, view: View = _no_view) -> str:
+    mapping = _as_mapping(value, view)
+    if mapping is None:
+        return f"the file holds a {_kind(value)}, not a dict"
+    keys = [_text(k) for k in list(mapping)[:12]]
+    more = ", ..." if len(mapping) > 12 else ""
+    what = "top-level keys" if mapping is value else f"a {_kind(value)} with attributes"
+    if not keys:
+        return "the dict is empty" if mapping is value else f"a {_kind(value)} without any"
+    return f"{what}: {', '.join(keys)}{more}"
+
+
+def _by_key(root: Any, key: str, view: View) -> tuple[tuple[str, ...], Any]:
     node = root
     path: list[str] = []
     rest = key
     while rest:
-        if not isinstance(node, Mapping):
+        mapping = _as_mapping(node, view)
+        if mapping is None:
             break
-        if rest in node:
-            return (*path, rest), node[rest]
+        if rest in mapping:
+            return (*path, rest), mapping[rest]
         head, dot, tail = rest.partition(".")
-        if not dot or head not in node:
+        if not dot or head not in mapping:
             break
-        node, rest = node[head], tail
+        node, rest = mapping[head], tail
         path.append(head)
-    raise SourceError(f"--key {key!r} is not in the checkpoint ({_describe_keys(root)})")
+    raise SourceError(f"--key {key!r} is not in the checkpoint ({_describe_keys(root, view)})")
 
 
 def find_state_dict(
-    root: Any, is_tensor: IsTensor, key: str | None = None, *, path: str = "checkpoint"
+    root: Any, is_tensor: IsTensor, key: str | None = None, *, path: str = "checkpoint",
+    view: View = _no_view,
 ) -> tuple[tuple[str, ...], Mapping[str, Any]]:
     """Return ``(key path, mapping)`` of the state dict inside ``root``.
 
     ``key`` (dotted for nested wrappers) chooses explicitly. Otherwise a dict of tensors
     is used as it is, and common wrappers (``state_dict``, ``model``, ``ema``...) are
-    looked into, up to three levels deep.
+    looked into, up to three levels deep. ``view`` gives a Mapping for values that are not
+    one (an object's attributes; a whole module's tensors by name), so wrappers may be
+    objects too.
     """
     if key is not None:
-        keys, found = _by_key(root, key)
+        keys, found = _by_key(root, key, view)
         if is_tensor(found):
             raise SourceError(f"{path}: --key {key!r} is a single tensor, not a state dict")
-        if not isinstance(found, Mapping):
-            raise SourceError(f"{path}: --key {key!r} holds a {type(found).__name__}, not a "
+        mapping = _as_mapping(found, view)
+        if mapping is None:
+            raise SourceError(f"{path}: --key {key!r} holds a {_kind(found)}, not a "
                               "state dict")
-        if not _has_tensors(found, is_tensor):
+        if not _has_tensors(mapping, is_tensor):
             raise SourceError(f"{path}: --key {key!r} holds no tensors "
-                              f"({_describe_keys(root)})")
-        return keys, found
-    node = root
+                              f"({_describe_keys(root, view)})")
+        return keys, mapping
+    node = _as_mapping(root, view)
     keys_path: tuple[str, ...] = ()
     for _ in range(3):
-        if not isinstance(node, Mapping):
+        if node is None:
             break
         if node and all(is_tensor(v) for v in node.values()):
             return keys_path, node
         for wrapper in WRAPPER_KEYS:
-            child = node.get(wrapper)
-            if isinstance(child, Mapping) and (
+            child = _as_mapping(node.get(wrapper), view) if wrapper in node else None
+            if child is not None and (
                 _has_tensors(child, is_tensor)
-                or any(isinstance(child.get(w), Mapping) for w in WRAPPER_KEYS)
+                or any(_as_mapping(child.get(w), view) is not None
+                       for w in WRAPPER_KEYS if w in child)
             ):
                 node, keys_path = child, (*keys_path, wrapper)
                 break
@@ -90,11 +125,11 @@ def find_state_dict(
             if _has_tensors(node, is_tensor):
                 return keys_path, node
             break
-    if isinstance(node, Mapping) and _has_tensors(node, is_tensor):
+    if node is not None and _has_tensors(node, is_tensor):
         return keys_path, node
     if isinstance(root, Mapping) and not root:
         raise SourceError(f"{path}: the checkpoint holds an empty dict, no tensors")
-    raise SourceError(f"{path}: no state dict found ({_describe_keys(root)}); "
+    raise SourceError(f"{path}: no state dict found ({_describe_keys(root, view)}); "
                       "choose one with --key")
 
 

@@ -61,6 +61,9 @@ def write(source: Any, edit: Edit, out: Path | None, progress: Progress | None =
         return module.rewrite(source, edit, out)
     kind = output_kind(out) if out is not None and not _same_suffix(source, out) \
         else _NATIVE[fmt]
+    if getattr(source, "legacy", False):
+        _check_legacy(source, out)
+        return convert(source, edit, out or Path(), kind, progress)
     if kind == _NATIVE[fmt]:
         if fmt == "pt":
             from paramctl.writers import pt
@@ -94,6 +97,14 @@ def _same_suffix(source: Any, out: Path) -> bool:
         out.suffix != "" and out.suffix.lower() == path.suffix.lower()
 
 
+def _check_legacy(source: Any, out: Path | None) -> None:
+    if out is None:
+        raise UsageError(
+            f"{source.display} is a legacy (pre-1.6, non-zip) torch file, which paramctl "
+            "does not rewrite in place; write a new checkpoint with -o OUT.pt (or -o "
+            "OUT.safetensors)")
+
+
 def _metadata(source: Any) -> dict[str, str]:
     """The safetensors ``__metadata__`` a conversion writes (paramctl's frozen list aside)."""
     if source.format == "safetensors":
@@ -107,7 +118,8 @@ def _metadata(source: Any) -> dict[str, str]:
 def convert(source: Any, edit: Edit, out: Path, kind: str, progress: Progress | None = None
             ) -> Path:
     """Write ``source`` (with ``edit`` applied) as ``kind``, one tensor at a time."""
-    if source.format == "pt" and getattr(source, "key_path", None) and source.options.key is None:
+    if source.format == "pt" and (kind != "pt" or getattr(source, "legacy", False)) and \
+            getattr(source, "key_path", None) and source.options.key is None:
         path = ".".join(source.key_path)
         raise UsageError(
             f"{source.display} holds more than a state dict (under {path!r}); the other "
@@ -165,7 +177,9 @@ def write_converted(source: Any,
                              "--max-shard-size SIZE, or one file with -o OUT.safetensors")
         raise UsageError(f"-o {out} is a folder: pass --max-shard-size (e.g. 5GB) to write "
                          "sharded safetensors")
-    if fmt == "pt" and kind == "pt" and not source.unsafe and not (casts and source.plain):
+    if getattr(source, "legacy", False):
+        _check_legacy(source, out)
+    elif fmt == "pt" and kind == "pt" and not source.unsafe and not (casts and source.plain):
         if casts:
             raise UsageError(
                 f"{source.display} holds more than a state dict; casting it would have to "
@@ -174,7 +188,8 @@ def write_converted(source: Any,
         from paramctl.writers import pt
 
         return pt.rewrite(source, edit, out, progress, renames=renames, drops=drops)
-    if fmt == "pt" and kind != "pt" and source.key_path and source.options.key is None:
+    if fmt == "pt" and (kind != "pt" or getattr(source, "legacy", False)) and \
+            source.key_path and source.options.key is None:
         path = ".".join(source.key_path)
         raise UsageError(
             f"{source.display} holds more than a state dict (under {path!r}); the other "
