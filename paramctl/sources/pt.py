@@ -358,16 +358,18 @@ class LegacyPtSource(PtSource):
         return []
 
 
+def _head(path: str) -> bytes:
+    with LocalReader(path) as reader:
+        return reader.pread(4, 0)
+
+
 def open_pt(path: str, options: OpenOptions) -> PtSource | UnsafePtSource:
     """The torch-free reader (zip or legacy format), or with ``--unsafe-load`` the real
     unpickler as a fallback for what that reader cannot parse."""
     try:
-        reader = open_reader(path)
-        try:
-            head = reader.pread(4, 0)
-        finally:
-            reader.close()
-        if is_legacy(head):
+        # A remote file is read through one reader (its first range holds the head too):
+        # legacy files are local only.
+        if not is_remote(path) and is_legacy(_head(path)):
             return LegacyPtSource(path, options)
         return PtSource(path, options)
     except UnsafeFileError:
