@@ -12,6 +12,7 @@ from paramctl.rules import InitRule, Step, load_rules_file, parse_init_rule, run
 from paramctl.select import select
 from paramctl.weights import (
     LoadResult,
+    apply_frozen,
     describe_mismatch,
     frozen_names,
     load_state_dict,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoadResult",
+    "apply_frozen",
     "apply_rules",
     "describe_mismatch",
     "freeze",
