@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from paramctl.errors import OperationError, UsageError
+from paramctl.errors import NoMatchError, OperationError, UsageError
 from paramctl.model import FLOAT_DTYPES, Change, ChangeResult, Edit, Inventory, ParamInfo
 from paramctl.rules import InitRule, Step, check_applies, run_init
 from paramctl.select import select
 from paramctl.sources import open_source
 from paramctl.sources.base import OpenOptions, Source
-from paramctl.sources.statedict import strip_prefix
+from paramctl.sources.statedict import prefix_list, strip_prefixes, warn_prefix_unmatched
 
 if TYPE_CHECKING:
     import torch
@@ -44,17 +44,25 @@ class View:
         return {p.name: p.tied for p in self.params if p.tied}
 
 
+Prefixes = str | Sequence[str] | None
+
+
 def open_view(spec: str, options: OpenOptions | None = None, *,
-              prefix: str | None = None) -> View:
+              prefix: Prefixes = None) -> View:
+    """Open ``spec`` and show its names without ``prefix`` (one or several, applied in
+    order, each implying a trailing dot); a prefix that matches no name is a warning."""
     source = open_source(spec, options)
     if options is not None and options.weights is not None and source.format == "module":
         from paramctl.weights import weights_loader
 
         source.load_weights = weights_loader(options)  # type: ignore[attr-defined]
     params = source.params()
-    if not prefix:
+    prefixes = prefix_list(prefix)
+    if not prefixes:
         return View(source, params, {p.name: p.name for p in params})
-    mapping = strip_prefix([p.name for p in params], prefix)
+    mapping, unmatched = strip_prefixes([p.name for p in params], prefixes)
+    for missed in unmatched:
+        warn_prefix_unmatched(missed, source.display, list(mapping))
     back = {v: k for k, v in mapping.items()}
 
     def rename(p: ParamInfo) -> ParamInfo:
@@ -66,7 +74,7 @@ def open_view(spec: str, options: OpenOptions | None = None, *,
 
 
 def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] = (),
-            options: OpenOptions | None = None, prefix: str | None = None,
+            options: OpenOptions | None = None, prefix: Prefixes = None,
             trainable: bool | None = None, allow_empty: bool = False) -> Inventory:
     """List a source's parameters, optionally filtered by patterns and trainable state.
 
@@ -83,7 +91,7 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
 
 
 def mem(spec: str, *, optimizer: str = "adamw", precision: str = "fp32", shards: int = 1,
-        zero: int = 0, key: str | None = None, strip_prefix: str | None = None,
+        zero: int = 0, key: str | None = None, strip_prefix: Prefixes = None,
         options: OpenOptions | None = None) -> MemEstimate:
     """Estimate the memory training ``spec`` needs with its current frozen set.
 
@@ -121,6 +129,18 @@ def _expand_tied(names: list[str], view: View) -> list[tuple[str, str | None]]:
     return out
 
 
+def _select_for(step: Step, names: list[str], patterns: Sequence[str], *,
+                exact: Sequence[str] = (), allow_empty: bool) -> list[str]:
+    """:func:`select` for one step; a pattern that matches nothing names the step's place
+    in its rules file (``rules.toml: rule 2: pattern 'x' matched no parameter ...``)."""
+    try:
+        return select(names, patterns, step.excludes, exact=exact, allow_empty=allow_empty)
+    except NoMatchError as exc:
+        if not step.where:
+            raise
+        raise NoMatchError(f"{step.where}: {exc}") from None
+
+
 def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
          ) -> tuple[list[Change], list[str], list[str], dict[str, InitRule]]:
     """Evaluate ``steps`` in order on the current flags; the last step wins per name."""
@@ -133,8 +153,8 @@ def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
     for step in steps:
         if step.kind in ("freeze", "unfreeze"):
             want = step.kind == "unfreeze"
-            chosen = select(view.names, step.patterns, step.excludes, exact=step.exact,
-                            allow_empty=allow_empty)
+            chosen = _select_for(step, view.names, step.patterns, exact=step.exact,
+                                 allow_empty=allow_empty)
             for name, via in _expand_tied(chosen, view):
                 p = info[name]
                 if p.buffer or p.dtype not in FLOAT_DTYPES:
@@ -146,8 +166,8 @@ def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
                 touched.setdefault(name, via)
         else:
             for rule in step.rules:
-                chosen = select(view.names, [rule.pattern], step.excludes,
-                                allow_empty=allow_empty)
+                chosen = _select_for(step, view.names, [rule.pattern],
+                                     allow_empty=allow_empty)
                 for name, via in _expand_tied(chosen, view):
                     p = info[name]
                     if p.buffer and view.source.format != "module":
@@ -179,14 +199,16 @@ def make_init_fn(rules: dict[str, InitRule], seed: int | None
 
 
 def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = None,
-           prefix: str | None = None, out: Path | None = None, dry_run: bool = False,
+           prefix: Prefixes = None, out: Path | None = None, dry_run: bool = False,
            allow_empty: bool = False, seed: int | None = None,
            max_shard_size: int | None = None,
-           progress: Callable[[int, int], None] | None = None) -> ChangeResult:
+           progress: Callable[[int, int], None] | None = None, force: bool = False,
+           wait: float = 0.0) -> ChangeResult:
     """Apply freeze/unfreeze/init ``steps`` to ``spec`` and save (unless ``dry_run``).
 
     Nothing is written when nothing changes and no ``out`` was asked for. ``progress`` is
-    called with ``(bytes just written, bytes in all)`` while saving.
+    called with ``(bytes just written, bytes in all)`` while saving. ``force`` and ``wait``
+    are :func:`paramctl.writers.write`'s (rewrite a read-only file; wait for a lock).
     """
     if not steps:
         raise UsageError("nothing to do: give at least one pattern or rule")
@@ -211,5 +233,5 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
 
     total = view.source.total_bytes()
     step = (lambda n: progress(n, total)) if progress is not None else None
-    result.written = write(view.source, edit, out, step)
+    result.written = write(view.source, edit, out, step, force=force, wait=wait)
     return result

@@ -255,7 +255,7 @@ class Step:
     excludes: tuple[str, ...] = ()
     exact: tuple[str, ...] = ()
     rules: tuple[InitRule, ...] = field(default=())
-    where: str = ""
+    where: str = ""  # "rules.toml: rule 2" for a step from a rules file; prefixes its errors
 
 
 _STEP_KEYS = ("freeze", "unfreeze", "init")
@@ -328,4 +328,4 @@ def load_rules_file(path: Path) -> tuple[list[Step], int | None]:
 
 
 def steps_from_rules(rules: Sequence[InitRule]) -> list[Step]:
-    return [Step("init", rules=(r,), where=r.text) for r in rules]
+    return [Step("init", rules=(r,)) for r in rules]

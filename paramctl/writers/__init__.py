@@ -15,7 +15,7 @@ from typing import Any
 
 from paramctl.errors import OperationError, UsageError
 from paramctl.formats import FROZEN_KEY, PT_EXTENSIONS
-from paramctl.io.files import FdPool
+from paramctl.io.files import FdPool, check_rewritable, lock_wait
 from paramctl.model import FLOAT_DTYPES, Edit
 from paramctl.writers.base import Progress, edited
 
@@ -38,12 +38,37 @@ _NATIVE = {"pt": "pt", "safetensors": "safetensors", "safetensors-sharded": "fol
            "dcp": "folder"}
 
 
-def write(source: Any, edit: Edit, out: Path | None, progress: Progress | None = None) -> Path:
+def _in_place_target(source: Any) -> Path | None:
+    """The file an in-place rewrite of ``source`` replaces (for the checks before it)."""
+    if source.format == "module":
+        return None  # needs -o
+    for attr in ("path", "index_path"):
+        target = getattr(source, attr, None)
+        if isinstance(target, Path):
+            return target
+    folder = getattr(source, "folder", None)
+    return folder / ".metadata" if isinstance(folder, Path) else None
+
+
+def write(source: Any, edit: Edit, out: Path | None, progress: Progress | None = None, *,
+          force: bool = False, wait: float = 0.0) -> Path:
     """Apply ``edit`` to ``source`` and save it, in place (``out is None``) or to ``out``,
     atomically. A same-format write keeps everything the edit does not touch; another
-    format streams the tensors one at a time (a conversion)."""
+    format streams the tensors one at a time (a conversion).
+
+    Every write passes :func:`~paramctl.io.files.check_rewritable` first (a Hugging Face
+    cache file is refused; a read-only file in place too, unless ``force``), and waits up
+    to ``wait`` seconds for another paramctl's lock on the file."""
     if getattr(source, "remote", False):
         raise UsageError("remote sources are read-only; download first")
+    target = out if out is not None else _in_place_target(source)
+    if target is not None:
+        check_rewritable(target, in_place=out is None, force=force)
+    with lock_wait(wait):
+        return _write(source, edit, out, progress)
+
+
+def _write(source: Any, edit: Edit, out: Path | None, progress: Progress | None) -> Path:
     fmt = source.format
     if fmt == "module":
         from paramctl.writers import module
