@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # Piped into `head`: die quietly of SIGPIPE like other Unix tools. Rewrites finish
-    # (atomically) before anything is printed, so this never cuts a save short.
+    # (atomically) before anything is printed, and their report ignores SIGPIPE (a saved file
+    # is exit 0 whatever became of stdout: cli.common.result_output).
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     command = typer.main.get_command(app)
     if not args and not os.environ.get("_PARAMCTL_COMPLETE"):
