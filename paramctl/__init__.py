@@ -4,6 +4,7 @@
 >>> inv = paramctl.inspect("ckpt.safetensors")          # doctest: +SKIP
 >>> paramctl.load_state_dict(model, "ckpt.pt")          # weights and frozen flags  # doctest: +SKIP
 >>> paramctl.freeze(model, ["backbone.*"])              # doctest: +SKIP
+>>> paramctl.apply_frozen(model, "ckpt.pt")             # flags only  # doctest: +SKIP
 
 Importing paramctl does not import torch; the functions that need tensors do.
 """
@@ -22,7 +23,9 @@ __all__ = [
     "OpenOptions",
     "ParamInfo",
     "ParamctlError",
+    "ParamctlWarning",
     "__version__",
+    "apply_frozen",
     "apply_rules",
     "change",
     "convert",
@@ -47,6 +50,7 @@ _LAZY = {
     "Inventory": "paramctl.model",
     "ParamInfo": "paramctl.model",
     "ParamctlError": "paramctl.errors",
+    "ParamctlWarning": "paramctl.errors",
     "inspect": "paramctl.core",
     "change": "paramctl.core",
     "mem": "paramctl.core",
@@ -56,6 +60,7 @@ _LAZY = {
     "stats": "paramctl.values",
     "diff": "paramctl.values",
     "LoadResult": "paramctl.api",
+    "apply_frozen": "paramctl.api",
     "apply_rules": "paramctl.api",
     "freeze": "paramctl.api",
     "frozen_names": "paramctl.api",
@@ -68,6 +73,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from paramctl.api import (
         LoadResult,
+        apply_frozen,
         apply_rules,
         convert,
         freeze,
@@ -78,7 +84,7 @@ if TYPE_CHECKING:
         unfreeze,
     )
     from paramctl.core import change, inspect, mem
-    from paramctl.errors import ParamctlError
+    from paramctl.errors import ParamctlError, ParamctlWarning
     from paramctl.memory import MemEstimate
     from paramctl.model import Edit, Inventory, ParamInfo
     from paramctl.patterns import select

@@ -12,6 +12,7 @@ from paramctl.patterns import select
 from paramctl.rules import InitRule, Step, load_rules_file, parse_init_rule, run_init
 from paramctl.weights import (
     LoadResult,
+    apply_frozen,
     describe_mismatch,
     frozen_names,
     load_state_dict,
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoadResult",
+    "apply_frozen",
     "apply_rules",
     "convert",
     "describe_mismatch",

@@ -11,13 +11,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from paramctl.errors import OperationError, SourceError, UsageError
+from paramctl.errors import NoMatchError, OperationError, SourceError, UsageError
 from paramctl.io.reader import is_remote
 from paramctl.model import FLOAT_DTYPES, Change, ChangeResult, Edit, Inventory
 from paramctl.patterns import select, swapped_arguments_hint
 from paramctl.rules import CONVERT_KINDS, InitRule, Step, check_applies, run_init
 from paramctl.sources.base import OpenOptions
-from paramctl.view import View, open_view
+from paramctl.view import Prefixes, View, open_view
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +28,7 @@ __all__ = ["Change", "ChangeResult", "View", "change", "check_writable", "inspec
            "open_view"]
 
 
-def _open(spec: str, options: OpenOptions | None, prefix: str | None,
+def _open(spec: str, options: OpenOptions | None, prefix: Prefixes,
           others: Sequence[str], command: str) -> View:
     """:func:`open_view`, saying so when the arguments look swapped (a pattern first)."""
     try:
@@ -41,7 +41,7 @@ def _open(spec: str, options: OpenOptions | None, prefix: str | None,
 
 
 def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] = (),
-            options: OpenOptions | None = None, prefix: str | None = None,
+            options: OpenOptions | None = None, prefix: Prefixes = None,
             trainable: bool | None = None, allow_empty: bool = False) -> Inventory:
     """List a source's parameters, optionally filtered by patterns and trainable state.
 
@@ -65,7 +65,7 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
 
 
 def mem(spec: str, *, optimizer: str = "adamw", precision: str = "fp32", shards: int = 1,
-        zero: int = 0, key: str | None = None, strip_prefix: str | None = None,
+        zero: int = 0, key: str | None = None, strip_prefix: Prefixes = None,
         options: OpenOptions | None = None) -> MemEstimate:
     """Estimate the memory training ``spec`` needs with its current frozen set.
 
@@ -103,6 +103,19 @@ def _expand_tied(names: list[str], view: View) -> list[tuple[str, str | None]]:
     return out
 
 
+def _select_for(step: Step, names: list[str], patterns: Sequence[str], *,
+                exact: Sequence[str] = (), allow_empty: bool) -> list[str]:
+    """:func:`select` for one step; a pattern that matches nothing names the step's place
+    in its rules file (``rules.toml: rule 2: pattern 'x' matched no parameter ...``)."""
+    try:
+        return select(names, patterns, step.excludes, exact=exact, allow_empty=allow_empty,
+                      default_all=False)
+    except NoMatchError as exc:
+        if not step.where:
+            raise
+        raise NoMatchError(f"{step.where}: {exc}") from None
+
+
 def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
          ) -> tuple[list[Change], list[str], list[str], dict[str, InitRule]]:
     """Evaluate ``steps`` in order on the current flags; the last step wins per name."""
@@ -115,8 +128,8 @@ def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
     for step in steps:
         if step.kind in ("freeze", "unfreeze"):
             want = step.kind == "unfreeze"
-            chosen = select(view.names, step.patterns, step.excludes, exact=step.exact,
-                            allow_empty=allow_empty, default_all=False)
+            chosen = _select_for(step, view.names, step.patterns, exact=step.exact,
+                                 allow_empty=allow_empty)
             for name, via in _expand_tied(chosen, view):
                 p = info[name]
                 if p.buffer or p.dtype not in FLOAT_DTYPES:
@@ -128,8 +141,8 @@ def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
                 touched.setdefault(name, via)
         else:
             for rule in step.rules:
-                chosen = select(view.names, [rule.pattern], step.excludes,
-                                allow_empty=allow_empty, default_all=False)
+                chosen = _select_for(step, view.names, [rule.pattern],
+                                     allow_empty=allow_empty)
                 for name, via in _expand_tied(chosen, view):
                     p = info[name]
                     if p.buffer and view.source.format != "module":
@@ -170,14 +183,16 @@ def check_writable(spec: str, dry_run: bool = False) -> None:
 
 
 def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = None,
-           prefix: str | None = None, out: Path | None = None, dry_run: bool = False,
+           prefix: Prefixes = None, out: Path | None = None, dry_run: bool = False,
            allow_empty: bool = False, seed: int | None = None,
            max_shard_size: int | None = None,
-           progress: Callable[[int, int], None] | None = None) -> ChangeResult:
+           progress: Callable[[int, int], None] | None = None, force: bool = False,
+           wait: float = 0.0) -> ChangeResult:
     """Apply freeze/unfreeze/init ``steps`` to ``spec`` and save (unless ``dry_run``).
 
     Nothing is written when nothing changes and no ``out`` was asked for. ``progress`` is
-    called with ``(bytes just written, bytes in all)`` while saving.
+    called with ``(bytes just written, bytes in all)`` while saving. ``force`` and ``wait``
+    are :func:`paramctl.writers.write`'s (rewrite a read-only file; wait for a lock).
     """
     if not steps:
         raise UsageError("nothing to do: give at least one pattern or rule")
@@ -221,9 +236,10 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
         from paramctl.surgery import write_plan
 
         result.written = write_plan(view, rows, cplan, out, edit=edit,
-                                    max_shard_size=max_shard_size, progress=step)
+                                    max_shard_size=max_shard_size, progress=step, force=force,
+                                    wait=wait)
         return result
     from paramctl.writers import write
 
-    result.written = write(view.source, edit, out, step)
+    result.written = write(view.source, edit, out, step, force=force, wait=wait)
     return result

@@ -11,6 +11,7 @@ __all__ = [
     "NoMatchError",
     "OperationError",
     "ParamctlError",
+    "ParamctlWarning",
     "SourceError",
     "UnsafeFileError",
     "UsageError",
@@ -61,3 +62,9 @@ class NoMatchError(ParamctlError):
     """A pattern selected nothing."""
 
     exit_code = 3
+
+
+class ParamctlWarning(UserWarning):
+    """Something the caller should know that does not stop the operation (a prefix that
+    matches no name, frozen names the model lacks). The library issues these through
+    :mod:`warnings`; the CLI prints them as ``warning: ...`` lines (``-q`` hides them)."""

@@ -258,7 +258,7 @@ class Step:
     excludes: tuple[str, ...] = ()
     exact: tuple[str, ...] = ()
     rules: tuple[InitRule, ...] = field(default=())
-    where: str = ""
+    where: str = ""  # "rules.toml: rule 2" for a step from a rules file; prefixes its errors
     renames: tuple[Rename, ...] = ()
     dtype: str | None = None
 
@@ -357,7 +357,7 @@ def load_rules_file(path: Path) -> tuple[list[Step], int | None]:
 
 
 def steps_from_rules(rules: Sequence[InitRule]) -> list[Step]:
-    return [Step("init", rules=(r,), where=r.text) for r in rules]
+    return [Step("init", rules=(r,)) for r in rules]
 
 
 # -- convert: renames and casts -------------------------------------------------------------

@@ -21,7 +21,7 @@ from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, Edit, ParamInfo, TensorRec
 from paramctl.patterns import select
 from paramctl.rules import Rename, Step, apply_renames, parse_cast, parse_rename
 from paramctl.sources.base import OpenOptions
-from paramctl.view import View, open_view
+from paramctl.view import Prefixes, View, open_view
 
 __all__ = ["ConvertPlan", "ConvertResult", "ConvertRow", "convert", "plan_convert"]
 
@@ -243,7 +243,8 @@ def describe_rows(rows: Sequence[ConvertRow]) -> list[str]:
 
 def write_plan(view: View, rows: Sequence[ConvertRow], plan: ConvertPlan, out: Path | None,
                *, edit: Edit | None = None, max_shard_size: int | None = None,
-               progress: Callable[[int], None] | None = None) -> Path:
+               progress: Callable[[int], None] | None = None, force: bool = False,
+               wait: float = 0.0) -> Path:
     """Write ``view``'s source with ``rows`` applied (and ``edit``'s flags and inits)."""
     from paramctl.writers import write_converted
 
@@ -253,13 +254,14 @@ def write_plan(view: View, rows: Sequence[ConvertRow], plan: ConvertPlan, out: P
         view.source, lambda recs: transform(recs, rows, view.stored, plan.allow_overflow),
         out, renames={k: v for k, v in stored_new.items() if v is not None},
         drops={k for k, v in stored_new.items() if v is None}, casts=casts,
-        edit=edit or Edit(), max_shard_size=max_shard_size, progress=progress)
+        edit=edit or Edit(), max_shard_size=max_shard_size, progress=progress, force=force,
+        wait=wait)
 
 
 def convert(spec: str, plan: ConvertPlan, *, out: Path | None = None,
-            options: OpenOptions | None = None, prefix: str | None = None,
+            options: OpenOptions | None = None, prefix: Prefixes = None,
             max_shard_size: int | None = None, dry_run: bool = False,
-            allow_empty: bool = False,
+            allow_empty: bool = False, force: bool = False, wait: float = 0.0,
             progress: Callable[[int, int], None] | None = None) -> ConvertResult:
     """Rename, keep/drop and cast the tensors of ``spec`` in one streaming rewrite.
 
@@ -285,5 +287,5 @@ def convert(spec: str, plan: ConvertPlan, *, out: Path | None = None,
     total = sum(r.new_nbytes for r in rows if r.new_name is not None)
     step = (lambda n: progress(n, total)) if progress is not None else None
     result.written = write_plan(view, rows, plan, out, max_shard_size=max_shard_size,
-                                progress=step)
+                                progress=step, force=force, wait=wait)
     return result

@@ -18,7 +18,7 @@ from paramctl.io.files import FdPool
 from paramctl.model import ParamInfo, TensorRecord
 from paramctl.patterns import select
 from paramctl.sources.base import FileSource, OpenOptions
-from paramctl.view import View, open_view
+from paramctl.view import Prefixes, View, open_view
 
 __all__ = ["DiffResult", "DiffRow", "StatsResult", "StatsRow", "diff", "stats"]
 
@@ -131,7 +131,7 @@ def _selected(view: View, patterns: Sequence[str], excludes: Sequence[str],
     return [p for p in view.params if p.name in chosen]
 
 
-def _stats_of(spec: str, options: OpenOptions | None, prefix: str | None,
+def _stats_of(spec: str, options: OpenOptions | None, prefix: Prefixes,
               names: Sequence[str]) -> list[StatsRow]:
     """Rows for ``names`` (shown names), in that order: one process's share."""
     view = open_view(spec, options, prefix=prefix)
@@ -146,7 +146,7 @@ def _stats_of(spec: str, options: OpenOptions | None, prefix: str | None,
 
 
 def stats(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] = (),
-          options: OpenOptions | None = None, prefix: str | None = None,
+          options: OpenOptions | None = None, prefix: Prefixes = None,
           allow_empty: bool = False, jobs: int | None = None) -> StatsResult:
     """Per-tensor min, max, mean, std, l2, zeros, nan and inf of ``spec``'s tensors.
 
@@ -251,7 +251,7 @@ def _replace(row: DiffRow, **changes: Any) -> DiffRow:
 
 
 def _diff_of(specs: tuple[str, str], options: tuple[OpenOptions | None, OpenOptions | None],
-             prefix: str | None, names: Sequence[str]) -> list[DiffRow]:
+             prefix: Prefixes, names: Sequence[str]) -> list[DiffRow]:
     """Value comparison of ``names`` (present in both, same shape): one process's share."""
     va = open_view(specs[0], options[0], prefix=prefix)
     vb = open_view(specs[1], options[1], prefix=prefix)
@@ -266,7 +266,7 @@ def _diff_of(specs: tuple[str, str], options: tuple[OpenOptions | None, OpenOpti
 
 def diff(a: str, b: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] = (),
          structure_only: bool = False, options_a: OpenOptions | None = None,
-         options_b: OpenOptions | None = None, prefix: str | None = None,
+         options_b: OpenOptions | None = None, prefix: Prefixes = None,
          allow_empty: bool = False, jobs: int | None = None) -> DiffResult:
     """Pair the tensors of ``a`` and ``b`` by name and say what changed.
 
@@ -328,7 +328,7 @@ def _split(params: Sequence[ParamInfo], n: int) -> list[list[str]]:
 
 
 def _run_shares(worker: Callable[..., list[Any]], spec: Any, options: Any,
-                prefix: str | None, params: Sequence[ParamInfo], jobs: int | None
+                prefix: Prefixes, params: Sequence[ParamInfo], jobs: int | None
                 ) -> list[Any] | None:
     """Run ``worker`` over shares of ``params`` in processes, or over torchrun ranks (rank 0
     gets every row, the others an empty list); ``None`` when one process should do it."""

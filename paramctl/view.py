@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from paramctl.model import ParamInfo
 from paramctl.sources import open_source
 from paramctl.sources.base import OpenOptions, Source
-from paramctl.sources.statedict import strip_prefix
+from paramctl.sources.statedict import prefix_list, strip_prefixes, warn_prefix_unmatched
 
-__all__ = ["View", "open_view"]
+__all__ = ["Prefixes", "View", "open_view"]
+
+Prefixes = str | Sequence[str] | None
 
 
 @dataclass
@@ -29,16 +32,21 @@ class View:
 
 
 def open_view(spec: str, options: OpenOptions | None = None, *,
-              prefix: str | None = None) -> View:
+              prefix: Prefixes = None) -> View:
+    """Open ``spec`` and show its names without ``prefix`` (one or several, applied in
+    order, each implying a trailing dot); a prefix that matches no name is a warning."""
     source = open_source(spec, options)
     if options is not None and options.weights is not None and source.format == "module":
         from paramctl.weights import weights_loader
 
         source.load_weights = weights_loader(options)  # type: ignore[attr-defined]
     params = source.params()
-    if not prefix:
+    prefixes = prefix_list(prefix)
+    if not prefixes:
         return View(source, params, {p.name: p.name for p in params})
-    mapping = strip_prefix([p.name for p in params], prefix)
+    mapping, unmatched = strip_prefixes([p.name for p in params], prefixes)
+    for missed in unmatched:
+        warn_prefix_unmatched(missed, source.display, list(mapping))
     back = {v: k for k, v in mapping.items()}
 
     def rename(p: ParamInfo) -> ParamInfo:

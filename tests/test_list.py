@@ -486,7 +486,7 @@ def test_totals_agree_with_filters(sample: Sample, source: str, extra: list[str]
 def tsv_line(r: dict[str, Any]) -> str:
     shape = "x".join(str(d) for d in r["shape"]) if r["shape"] else "scalar"
     return "\t".join([r["name"], shape, r["dtype"], str(r["numel"]),
-                      "true" if r["requires_grad"] else "false"])
+                      "true" if r["requires_grad"] else "false", ",".join(r["tied"] or [])])
 
 
 @pytest.mark.parametrize("name", ["cnn.pt", "transformer.safetensors", "llama.pt"])
@@ -503,7 +503,7 @@ def test_tsv_exact(samples_dir: Path, name: str) -> None:
     assert "\x1b" not in out
     for line in lines:
         fields = line.split("\t")
-        assert len(fields) == 5
+        assert len(fields) == 6
         assert fields[4] in ("true", "false")
 
 
@@ -511,20 +511,20 @@ def test_tsv_shapes_and_flags(samples_dir: Path, sample: Sample) -> None:
     out = ok("list", samples_dir / "cnn.pt", "-f", "tsv")
     rows = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()}
     assert rows["features.3.weight"] == ["features.3.weight", "16x8x3x3", "float32", "1152",
-                                         "true"]
+                                         "true", ""]
     assert rows["classifier.weight"][1] == "10x16"
-    assert rows["features.1.num_batches_tracked"][2:] == ["int64", "1", "false"]
+    assert rows["features.1.num_batches_tracked"][2:] == ["int64", "1", "false", ""]
     path = sample("mlp.pt")
     ok("freeze", path, "head.weight")
     lines = {line.split("\t")[0]: line for line in ok("list", path, "-f", "tsv").splitlines()}
-    assert lines["head.weight"] == "head.weight\t4x32\tfloat32\t128\tfalse"
-    assert lines["head.bias"] == "head.bias\t4\tfloat32\t4\ttrue"
+    assert lines["head.weight"] == "head.weight\t4x32\tfloat32\t128\tfalse\t"
+    assert lines["head.bias"] == "head.bias\t4\tfloat32\t4\ttrue\t"
 
 
 def test_tsv_large_shape_text(tmp_path: Path) -> None:
     path = tmp_path / "big.safetensors"
     save_file({"w": torch.zeros(2048, 2048, dtype=torch.int8)}, str(path))
-    assert ok("list", path, "-f", "tsv") == "w\t2048x2048\tint8\t4194304\tfalse\n"
+    assert ok("list", path, "-f", "tsv") == "w\t2048x2048\tint8\t4194304\tfalse\t\n"
 
 
 def test_tsv_headers(samples_dir: Path) -> None:
@@ -532,7 +532,7 @@ def test_tsv_headers(samples_dir: Path) -> None:
     plain = ok("list", path, "-f", "tsv").splitlines()
     with_headers = ok("list", path, "-f", "tsv", "--headers").splitlines()
     assert plain[0].startswith("layers.0.weight\t")
-    assert with_headers[0] == "name\tshape\tdtype\tnumel\trequires_grad"
+    assert with_headers[0] == "name\tshape\tdtype\tnumel\trequires_grad\ttied"
     assert with_headers[1:] == plain
     assert ok("list", path, "-f", "tsv", "--no-headers").splitlines() == plain
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import signal
 import sys
@@ -34,16 +36,17 @@ Examples:
 
 \b
   paramctl list ckpt.pt --trainable
-  paramctl freeze ckpt.pt 'backbone.*' --exclude 'backbone.layer4'
-  paramctl init ckpt.pt 'head.*.weight=normal(std=0.02)' '*.bias=zeros' --seed 0
+  paramctl freeze ckpt.pt 'blocks.*' --exclude 'blocks.1'
+  paramctl init ckpt.pt 'lm_head=normal(std=0.02)' '*.bias=zeros' --seed 0
+  paramctl --show-completion bash
 
 Exit codes: 0 ok, 1 input or operation failed, 2 usage error, 3 a pattern matched nothing,
-4 a check found something (stats --check, diff --exit-code).
+4 a check found something (stats --check, diff --exit-code, list --fail-if-any).
 """
 
 app = typer.Typer(
     help=HELP,
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -77,17 +80,50 @@ app.command("stats", epilog=STATS_EXAMPLES)(stats_command)
 app.command("diff", epilog=DIFF_EXAMPLES)(diff_command)
 
 
+def short_usage(command: typer.core.TyperGroup) -> str:
+    """What bare ``paramctl`` prints: the usage line, the commands, where to read on."""
+    ctx = typer.Context(command, info_name="paramctl")
+    names = command.list_commands(ctx)
+    width = max(len(n) for n in names)
+    lines = ["usage: paramctl COMMAND [ARGS]...", "", "commands:"]
+    for name in names:
+        cmd = command.get_command(ctx, name)
+        summary = cmd.get_short_help_str(limit=64) if cmd is not None else ""
+        lines.append(f"  {name.ljust(width)}  {summary}")
+    lines += ["", "run 'paramctl COMMAND --help' for a command's options and examples,",
+              "and 'paramctl --help' for the rest (exit codes, shell completion)"]
+    return "\n".join(lines) + "\n"
+
+
+class _ClosedStdout(io.TextIOBase):
+    """Stands in for ``sys.stdout`` when fd 1 is closed (``paramctl ... >&-``): writing
+    raises EBADF, which the commands turn into an error (or, after a write, a warning)."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    def isatty(self) -> bool:
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, documented exit codes."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or bool(os.environ.get("PARAMCTL_DEBUG"))
+    if sys.stdout is None:
+        sys.stdout = _ClosedStdout()
     # A size limit must surface as an error and a clean-up, not kill the process.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # Piped into `head`: die quietly of SIGPIPE like other Unix tools. Rewrites finish
-    # (atomically) before anything is printed, so this never cuts a save short.
+    # (atomically) before anything is printed, and their report ignores SIGPIPE (a saved file
+    # is exit 0 whatever became of stdout: cli.common.result_output).
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     command = typer.main.get_command(app)
+    if not args and not os.environ.get("_PARAMCTL_COMPLETE"):
+        assert isinstance(command, typer.core.TyperGroup)
+        sys.stderr.write(short_usage(command))
+        sys.exit(2)
     try:
         code = command.main(args, prog_name="paramctl", standalone_mode=False)
         if code == 130:  # Typer turns Ctrl-C into a bare exit code

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
-from paramctl.errors import ParamctlError, UsageError
+from paramctl.errors import ParamctlError, ParamctlWarning, UsageError
 
 if TYPE_CHECKING:
+    from paramctl.model import ChangeResult
     from paramctl.render.text import ProgressBar
 
 SourceArg = Annotated[str, typer.Argument(
@@ -22,15 +24,23 @@ SourceArg = Annotated[str, typer.Argument(
          "https://HOST/PATH, hf://ORG/REPO[@REV][/PATH].", show_default=False)]
 KeyOpt = Annotated[str | None, typer.Option(
     "--key", help="Checkpoint entry holding the state dict (dotted for nesting).")]
-StripOpt = Annotated[str | None, typer.Option(
-    "--strip-prefix", help="Show names without this prefix (e.g. 'module.').")]
+StripOpt = Annotated[list[str] | None, typer.Option(
+    "--strip-prefix", help="Show names without this prefix: 'module' strips 'module.' "
+    "(repeatable, applied in order: --strip-prefix _orig_mod --strip-prefix module).")]
 ArgOpt = Annotated[list[str] | None, typer.Option(
     "--arg", help="key=value keyword argument for a module path (repeatable).")]
 WeightsOpt = Annotated[Path | None, typer.Option(
     "--weights", help="Load this checkpoint into a module-path source.")]
 UnsafeOpt = Annotated[bool, typer.Option(
     "--unsafe-load", help="Allow unpickling arbitrary objects (runs code from the file).")]
-QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Print only errors.")]
+QuietOpt = Annotated[bool, typer.Option(
+    "-q", "--quiet", help="Print only errors: no report, no warnings, no 'wrote PATH'.")]
+WaitOpt = Annotated[float, typer.Option(
+    "--wait", metavar="SECONDS", min=0,
+    help="If another paramctl is rewriting the file, wait up to SECONDS for it to finish "
+    "instead of failing at once.")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Rewrite a read-only file in place (its mode is kept).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 HeadersOpt = Annotated[bool | None, typer.Option(
     "--headers/--no-headers", help="Header row (and table footer); tsv has none by default.",
@@ -48,12 +58,20 @@ ExcludeOpt = Annotated[list[str] | None, typer.Option(
     "--exclude", "-x", help="Remove matches of this pattern (repeatable); wins over includes.")]
 
 
+CHANGES_OUTPUT = """
+Output: a table on a terminal, else TSV with no header (--headers adds one), one changed
+tensor a line: name, action, via (the tied name that pulled it in, else empty),
+requires_grad_before, requires_grad_after. Tabs, newlines and backslashes in names are
+escaped as \\t, \\n, \\\\. 'wrote PATH' follows on stderr (not with -q).
+"""
+
+
 def options(key: str | None, args: list[str] | None, weights: Path | None, unsafe: bool,
-            buffers: bool = False) -> Any:
+            buffers: bool = False, *, quiet: bool = False) -> Any:
     from paramctl.sources.base import OpenOptions
     from paramctl.sources.module import parse_args
 
-    if unsafe:
+    if unsafe and not quiet:
         warn("--unsafe-load: pickled objects in the checkpoint may run code on this machine")
     return OpenOptions(key=key, args=parse_args(args or []), weights=weights,
                        unsafe_load=unsafe, buffers=buffers)
@@ -80,7 +98,7 @@ def parse_size(text: str | None) -> int | None:
 
 
 def warn(message: str) -> None:
-    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.write(f"warning: {one_line(message)}\n")
 
 
 def output_format(fmt: str | None, allowed: tuple[str, ...]) -> str:
@@ -92,7 +110,13 @@ def output_format(fmt: str | None, allowed: tuple[str, ...]) -> str:
 
 
 def read_names(source: str | None) -> list[str]:
-    """Names one per line from a file or ``-`` (stdin); blank lines and ``#`` skipped."""
+    """Names one per line from a file or ``-`` (stdin); blank lines and ``#`` skipped.
+
+    The first tab-separated field of each line is the name, with ``\\t``, ``\\n`` and
+    ``\\\\`` unescaped as ``list -f names``/``tsv`` escape them (so their output feeds back in).
+    """
+    from paramctl.render.machine import unescape_field
+
     if source is None:
         return []
     try:
@@ -103,7 +127,7 @@ def read_names(source: str | None) -> list[str]:
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            names.append(line.split("\t", 1)[0])
+            names.append(unescape_field(line.split("\t", 1)[0]))
     return names
 
 
@@ -116,15 +140,95 @@ def one_line(text: str) -> str:
 
 
 @contextlib.contextmanager
-def handle_errors(debug: bool) -> Iterator[None]:
-    """Turn :class:`ParamctlError` into ``error: ...`` and its exit code."""
+def handle_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
+    """Turn :class:`ParamctlError` into ``error: ...`` and its exit code, and the library's
+    :class:`ParamctlWarning` into a ``warning: ...`` line (none with ``quiet``)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ParamctlWarning)
+        original = warnings.showwarning
+
+        def route(message: Warning | str, category: type[Warning], *args: Any,
+                  **kwargs: Any) -> None:
+            if not issubclass(category, ParamctlWarning):
+                original(message, category, *args, **kwargs)
+            elif not quiet:
+                warn(str(message))
+
+        warnings.showwarning = route
+        try:
+            yield
+        except ParamctlError as exc:
+            if debug or os.environ.get("PARAMCTL_DEBUG"):
+                raise
+            sys.stderr.write(f"error: {one_line(str(exc))}\n")
+            raise typer.Exit(exc.exit_code) from None
+
+
+class OutputError(ParamctlError):
+    """Standard output cannot take the result (closed, full, or a broken pipe)."""
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.EBADF:
+        return "standard output is closed"
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device standard output writes to"
+    if exc.errno == errno.EPIPE:
+        return "standard output was closed by the reader"
+    return f"cannot write to standard output: {exc.strerror or exc}"
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's final flush of what is still buffered
+    neither fails nor prints a second error."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+
+
+@contextlib.contextmanager
+def result_output(written: Path | None = None) -> Iterator[TextIO]:
+    """Standard output for a command's result.
+
+    Before anything is committed (``written`` is ``None``: a listing, a dry run), an
+    unwritable stdout is an error (exit 1, one line). After a committed write, a closed,
+    full or broken stdout is only a warning: the file is saved, and the exit code says so
+    (0). A ``list`` into ``head`` still dies of SIGPIPE (141), as Unix tools do.
+    """
+    if written is not None:
+        import signal
+
+        # The report of a finished write must not turn a saved file into exit 141.
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
-        yield
-    except ParamctlError as exc:
-        if debug or os.environ.get("PARAMCTL_DEBUG"):
-            raise
-        sys.stderr.write(f"error: {one_line(str(exc))}\n")
-        raise typer.Exit(exc.exit_code) from None
+        yield sys.stdout
+        sys.stdout.flush()
+    except OSError as exc:
+        _silence_stdout()
+        if written is None:
+            raise OutputError(f"cannot print the result: {_why(exc)}") from None
+        warn(f"could not print the report ({_why(exc)}); {written} was written")
+
+
+def report_change(result: ChangeResult, fmt: str, *, dry_run: bool, headers: bool | None,
+                  quiet: bool) -> None:
+    """What a write command prints once the change is done: its warnings and ``wrote PATH``
+    on stderr (even with stdout piped), then the report on stdout; nothing with ``quiet``."""
+    from paramctl.render import render_changes
+
+    if quiet:
+        return
+    for message in result.warnings:
+        warn(message)
+    if result.written is not None:
+        sys.stderr.write(f"wrote {one_line(str(result.written))}\n")
+    with result_output(result.written) as stdout:
+        render_changes(result, fmt, stdout, dry_run=dry_run,
+                       headers=headers if headers is not None else fmt != "tsv")
 
 
 def progress_for(label: str, quiet: bool) -> ProgressBar:

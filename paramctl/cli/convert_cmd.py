@@ -12,6 +12,7 @@ from paramctl.cli.common import (
     AllowEmptyOpt,
     DebugOpt,
     DryRunOpt,
+    ForceOpt,
     HeadersOpt,
     KeyOpt,
     QuietOpt,
@@ -19,11 +20,14 @@ from paramctl.cli.common import (
     SourceArg,
     StripOpt,
     UnsafeOpt,
+    WaitOpt,
     handle_errors,
+    one_line,
     options,
     output_format,
     parse_size,
     progress_for,
+    result_output,
     warn,
 )
 
@@ -33,7 +37,7 @@ Examples:
 \b
   paramctl convert ddp.pt --rename 'module.=' -o plain.pt
   paramctl convert model.safetensors --cast bfloat16 --no-cast '*norm*' -o model-bf16.safetensors
-  paramctl convert ckpt.pt --keep 'encoder' --rename 'encoder.=backbone.' -o backbone.safetensors
+  paramctl convert ckpt.pt --keep blocks --rename 'blocks.=layers.' -o layers.safetensors
   paramctl convert model.safetensors --drop 'lm_head' --dry-run
   paramctl convert model.safetensors -o shards/ --max-shard-size 2GB
 """
@@ -72,6 +76,8 @@ def convert_command(
     key: KeyOpt = None,
     strip_prefix: StripOpt = None,
     unsafe_load: UnsafeOpt = False,
+    force: ForceOpt = False,
+    wait: WaitOpt = 0.0,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -83,7 +89,7 @@ def convert_command(
     from paramctl.render.convert import CONVERT_FORMATS, render_convert
     from paramctl.surgery import ConvertPlan, convert
 
-    with handle_errors(debug):
+    with handle_errors(debug, quiet):
         kind = output_format(fmt, CONVERT_FORMATS)
         plan = ConvertPlan.parse(keep=keep or (), drop=drop or (), rename=rename or (),
                                  cast=cast, cast_only=cast_only or (), no_cast=no_cast or (),
@@ -93,13 +99,16 @@ def convert_command(
             result = convert(source, plan, out=output,
                              options=options(key, None, None, unsafe_load),
                              prefix=strip_prefix, max_shard_size=parse_size(max_shard_size),
-                             dry_run=dry_run, allow_empty=allow_empty, progress=bar)
+                             dry_run=dry_run, allow_empty=allow_empty, force=force,
+                             wait=wait, progress=bar)
         finally:
             bar.close()
-        if not quiet:
-            for message in result.warnings:
-                warn(message)
-            render_convert(result, kind, sys.stdout, dry_run=dry_run,
+        if quiet:
+            return
+        for message in result.warnings:
+            warn(message)
+        if result.written is not None:
+            sys.stderr.write(f"wrote {one_line(str(result.written))}\n")
+        with result_output(result.written) as stdout:
+            render_convert(result, kind, stdout, dry_run=dry_run,
                            headers=headers if headers is not None else kind != "tsv")
-        if result.written is not None and not quiet:
-            sys.stderr.write(f"wrote {result.written}\n")

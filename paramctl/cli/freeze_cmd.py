@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
 from paramctl.cli.common import (
+    CHANGES_OUTPUT,
     AllowEmptyOpt,
     ArgOpt,
     DebugOpt,
     DryRunOpt,
     ExcludeOpt,
+    ForceOpt,
     HeadersOpt,
     KeyOpt,
     OutOpt,
@@ -21,6 +22,7 @@ from paramctl.cli.common import (
     SourceArg,
     StripOpt,
     UnsafeOpt,
+    WaitOpt,
     WeightsOpt,
     handle_errors,
     options,
@@ -28,7 +30,7 @@ from paramctl.cli.common import (
     parse_size,
     progress_for,
     read_names,
-    warn,
+    report_change,
 )
 from paramctl.errors import UsageError
 
@@ -36,18 +38,18 @@ FREEZE_EXAMPLES = """
 Examples:
 
 \b
-  paramctl freeze ckpt.pt 'backbone.*' --exclude 'backbone.layer4'
-  paramctl freeze model.safetensors encoder -o frozen.safetensors --dry-run
+  paramctl freeze ckpt.pt 'blocks.*' --exclude 'blocks.1'
+  paramctl freeze model.safetensors model.embed_tokens -o frozen.safetensors --dry-run
   paramctl list ckpt.pt -f names | grep attn | paramctl freeze ckpt.pt --names-from -
-"""
+""" + CHANGES_OUTPUT
 
 UNFREEZE_EXAMPLES = """
 Examples:
 
 \b
-  paramctl unfreeze ckpt.pt 'backbone.layer4.*'
+  paramctl unfreeze ckpt.pt 'blocks.1.*'
   paramctl unfreeze model.safetensors '*' -o trainable.safetensors
-"""
+""" + CHANGES_OUTPUT
 
 PatternsArg = Annotated[list[str] | None, typer.Argument(
     help="Glob, module name or re:REGEX ('!PATTERN' excludes).", show_default=False)]
@@ -60,16 +62,17 @@ FormatOpt = Annotated[str | None, typer.Option(
 
 def _run(kind: str, source: str, patterns: list[str] | None, exclude: list[str] | None,
          names_from: str | None, out: object, dry_run: bool, allow_empty: bool, fmt: str | None,
-         headers: bool | None, key: str | None, strip_prefix: str | None,
+         headers: bool | None, key: str | None, strip_prefix: list[str] | None,
          arg: list[str] | None, weights: object, unsafe_load: bool, quiet: bool,
-         debug: bool, max_shard_size: str | None = None) -> None:
+         debug: bool, max_shard_size: str | None = None, force: bool = False,
+         wait: float = 0.0) -> None:
     from pathlib import Path
 
     from paramctl.core import change
-    from paramctl.render import FORMATS, render_changes
+    from paramctl.render import FORMATS
     from paramctl.rules import Step
 
-    with handle_errors(debug):
+    with handle_errors(debug, quiet):
         exact = read_names(names_from)
         if not patterns and names_from is None:
             raise UsageError(f"give at least one PATTERN to {kind} (or --names-from FILE)")
@@ -78,20 +81,16 @@ def _run(kind: str, source: str, patterns: list[str] | None, exclude: list[str] 
         shown = output_format(fmt, FORMATS)
         step = Step(kind, patterns=tuple(patterns or ()), excludes=tuple(exclude or ()),
                     exact=tuple(exact))
-        opts = options(key, arg, Path(str(weights)) if weights else None, unsafe_load)
+        opts = options(key, arg, Path(str(weights)) if weights else None, unsafe_load, quiet=quiet)
         bar = progress_for("writing", quiet)
         try:
             result = change(source, [step], options=opts, prefix=strip_prefix,
                             out=Path(str(out)) if out else None, dry_run=dry_run,
                             allow_empty=allow_empty, progress=bar,
-                            max_shard_size=parse_size(max_shard_size))
+                            max_shard_size=parse_size(max_shard_size), force=force, wait=wait)
         finally:
             bar.close()
-        for message in result.warnings:
-            warn(message)
-        if not quiet:
-            render_changes(result, shown, sys.stdout, dry_run=dry_run,
-                           headers=headers if headers is not None else shown != "tsv")
+        report_change(result, shown, dry_run=dry_run, headers=headers, quiet=quiet)
 
 
 def freeze_command(
@@ -110,12 +109,15 @@ def freeze_command(
     arg: ArgOpt = None,
     weights: WeightsOpt = None,
     unsafe_load: UnsafeOpt = False,
+    force: ForceOpt = False,
+    wait: WaitOpt = 0.0,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Freeze (requires_grad=False) what the patterns select, and save it in the file."""
     _run("freeze", source, patterns, exclude, names_from, output, dry_run, allow_empty, fmt,
-         headers, key, strip_prefix, arg, weights, unsafe_load, quiet, debug, max_shard_size)
+         headers, key, strip_prefix, arg, weights, unsafe_load, quiet, debug, max_shard_size,
+         force, wait)
 
 
 def unfreeze_command(
@@ -134,9 +136,12 @@ def unfreeze_command(
     arg: ArgOpt = None,
     weights: WeightsOpt = None,
     unsafe_load: UnsafeOpt = False,
+    force: ForceOpt = False,
+    wait: WaitOpt = 0.0,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Unfreeze (requires_grad=True) what the patterns select, and save it in the file."""
     _run("unfreeze", source, patterns, exclude, names_from, output, dry_run, allow_empty, fmt,
-         headers, key, strip_prefix, arg, weights, unsafe_load, quiet, debug, max_shard_size)
+         headers, key, strip_prefix, arg, weights, unsafe_load, quiet, debug, max_shard_size,
+         force, wait)

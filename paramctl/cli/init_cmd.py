@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -11,10 +10,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from paramctl.cli.common import (
+    CHANGES_OUTPUT,
     AllowEmptyOpt,
     ArgOpt,
     DebugOpt,
     DryRunOpt,
+    ForceOpt,
     HeadersOpt,
     KeyOpt,
     OutOpt,
@@ -23,13 +24,14 @@ from paramctl.cli.common import (
     SourceArg,
     StripOpt,
     UnsafeOpt,
+    WaitOpt,
     WeightsOpt,
     handle_errors,
     options,
     output_format,
     parse_size,
     progress_for,
-    warn,
+    report_change,
 )
 from paramctl.errors import UsageError
 
@@ -40,26 +42,26 @@ INIT_EXAMPLES = """
 Examples:
 
 \b
-  paramctl init ckpt.pt '*.bias=zeros' 'head.*.weight=normal(std=0.02)' --seed 0
-  paramctl init model.safetensors 'classifier=kaiming_uniform(a=2.23)' -o reset.safetensors
+  paramctl init ckpt.pt '*.bias=zeros' 'blocks.*.mlp.*.weight=normal(std=0.02)' --seed 0
+  paramctl init model.safetensors '*.mlp.*.weight=kaiming_uniform(a=2.23)' -o reset.safetensors
   paramctl init ckpt.pt 'lm_head=trunc_normal(std=0.02)' --dry-run
-"""
+""" + CHANGES_OUTPUT
 
 APPLY_EXAMPLES = """
 Example rules.toml:
 
 \b
   [[rule]]
-  freeze = ["backbone.*"]
-  exclude = ["backbone.layer4.*"]
+  freeze = ["blocks.*"]
+  exclude = ["blocks.1.*"]
   [[rule]]
-  init = "head.*.weight=trunc_normal(std=0.02)"
+  init = "blocks.1.mlp.*.weight=trunc_normal(std=0.02)"
 
 and the command:
 
 \b
   paramctl apply ckpt.pt rules.toml --seed 1 -o tuned.pt
-"""
+""" + CHANGES_OUTPUT
 
 SeedOpt = Annotated[int | None, typer.Option(
     "--seed", help="Make each tensor a function of (seed, name, rule) alone.")]
@@ -73,12 +75,13 @@ StepsFactory = Callable[[], tuple[list["Step"], int | None]]
 
 def _run(source: str, steps_from: StepsFactory, seed: int | None, out: Path | None,
          dry_run: bool, allow_empty: bool, fmt: str | None, headers: bool | None, key: str | None,
-         strip_prefix: str | None, arg: list[str] | None, weights: Path | None,
-         unsafe_load: bool, quiet: bool, debug: bool, max_shard_size: str | None) -> None:
+         strip_prefix: list[str] | None, arg: list[str] | None, weights: Path | None,
+         unsafe_load: bool, quiet: bool, debug: bool, max_shard_size: str | None,
+         force: bool, wait: float) -> None:
     from paramctl.core import change, check_writable
-    from paramctl.render import FORMATS, render_changes
+    from paramctl.render import FORMATS
 
-    with handle_errors(debug):
+    with handle_errors(debug, quiet):
         shown = output_format(fmt, FORMATS)
         check_writable(source, dry_run)  # before the rules (parsing them imports torch)
         steps, file_seed = steps_from()
@@ -90,18 +93,15 @@ def _run(source: str, steps_from: StepsFactory, seed: int | None, out: Path | No
             quiet = quiet or os.environ.get("RANK", "0") != "0"
         bar = progress_for("writing", quiet)
         try:
-            result = change(source, steps, options=options(key, arg, weights, unsafe_load),
+            result = change(source, steps,
+                            options=options(key, arg, weights, unsafe_load, quiet=quiet),
                             prefix=strip_prefix, out=out, dry_run=dry_run,
                             allow_empty=allow_empty,
                             seed=seed if seed is not None else file_seed, progress=bar,
-                            max_shard_size=parse_size(max_shard_size))
+                            max_shard_size=parse_size(max_shard_size), force=force, wait=wait)
         finally:
             bar.close()
-        for message in result.warnings:
-            warn(message)
-        if not quiet:
-            render_changes(result, shown, sys.stdout, dry_run=dry_run,
-                           headers=headers if headers is not None else shown != "tsv")
+        report_change(result, shown, dry_run=dry_run, headers=headers, quiet=quiet)
 
 
 def init_command(
@@ -121,6 +121,8 @@ def init_command(
     arg: ArgOpt = None,
     weights: WeightsOpt = None,
     unsafe_load: UnsafeOpt = False,
+    force: ForceOpt = False,
+    wait: WaitOpt = 0.0,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -134,7 +136,7 @@ def init_command(
         return list(steps_from_rules([parse_init_rule(r) for r in rules])), None
 
     _run(source, steps, seed, output, dry_run, allow_empty, fmt, headers, key, strip_prefix,
-         arg, weights, unsafe_load, quiet, debug, max_shard_size)
+         arg, weights, unsafe_load, quiet, debug, max_shard_size, force, wait)
 
 
 def apply_command(
@@ -154,6 +156,8 @@ def apply_command(
     arg: ArgOpt = None,
     weights: WeightsOpt = None,
     unsafe_load: UnsafeOpt = False,
+    force: ForceOpt = False,
+    wait: WaitOpt = 0.0,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -166,4 +170,4 @@ def apply_command(
         return list(loaded), file_seed
 
     _run(source, steps, seed, output, dry_run, allow_empty, fmt, headers, key, strip_prefix,
-         arg, weights, unsafe_load, quiet, debug, max_shard_size)
+         arg, weights, unsafe_load, quiet, debug, max_shard_size, force, wait)

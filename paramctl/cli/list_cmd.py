@@ -20,8 +20,10 @@ from paramctl.cli.common import (
     UnsafeOpt,
     WeightsOpt,
     handle_errors,
+    one_line,
     options,
     output_format,
+    result_output,
 )
 from paramctl.errors import UsageError
 
@@ -32,9 +34,28 @@ Examples:
   paramctl list ckpt.pt --trainable
   paramctl list model.safetensors -f json | jq '.totals'
   paramctl list sample_models/mlp.py:MLP --arg hidden=64 --tree
-  paramctl list ckpt.pt 'encoder.*' '!*.bias' -f names
+  paramctl list ckpt.pt 'blocks.*' '!*.bias' -f names
+  paramctl list ckpt.pt --summary
   paramctl list ckpt.pt -f html > model.html
+  paramctl list lora.pt --trainable -x '*lora_*' --fail-if-any
+
+TSV (the default when piped): name, shape (2048x2048), dtype, numel, requires_grad
+(true/false), tied (the other names of its tied group joined with ',', empty when untied);
+no header unless --headers. Tabs, newlines and backslashes in names are escaped as \\t, \\n,
+\\\\ in tsv and names output; JSON carries names as they are.
+
+--summary prints PEFT's line: 'trainable params: N || all params: M || trainable%: P'.
+"all params" is the listing's numel total: tied tensors once, buffers and integer tensors
+included (a checkpoint's running_mean, num_batches_tracked...; PEFT counts parameters only).
+
+--fail-if-any exits 4 when the selection is not empty, after printing it (nothing with -q):
+a CI gate, e.g. "nothing but the LoRA adapters trains".
 """
+
+SummaryOpt = Annotated[bool, typer.Option(
+    "--summary", help="Print one line, PEFT's: trainable params || all params || trainable%.")]
+FailOpt = Annotated[bool, typer.Option(
+    "--fail-if-any", help="Exit 4 when anything is selected (a CI check); -q prints nothing.")]
 
 
 def list_command(
@@ -54,6 +75,8 @@ def list_command(
         "and a table) or svg (the treemap) (default: table on a terminal, tsv otherwise).",
         show_default=False)] = None,
     headers: HeadersOpt = None,
+    summary: SummaryOpt = False,
+    fail_if_any: FailOpt = False,
     exclude: ExcludeOpt = None,
     allow_empty: AllowEmptyOpt = False,
     key: KeyOpt = None,
@@ -63,28 +86,47 @@ def list_command(
     unsafe_load: UnsafeOpt = False,
     width: Annotated[int | None, typer.Option(
         "--width", help="Table width (default: the terminal's).", hidden=True)] = None,
+    quiet: Annotated[bool, typer.Option(
+        "-q", "--quiet", help="No warnings on stderr: only the listing and errors (with "
+        "--fail-if-any, not even the listing).")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Show a model's or checkpoint's parameters: shapes, dtypes, sizes, requires_grad."""
     from paramctl.core import inspect
     from paramctl.render import LIST_FORMATS, PICTURE_FORMATS, render_inventory, render_tree
+    from paramctl.render.common import trainable_summary
 
-    with handle_errors(debug):
+    with handle_errors(debug, quiet):
         if trainable and frozen:
             raise UsageError("--trainable and --frozen exclude each other")
         if depth is not None and not tree:
             raise UsageError("--depth applies to --tree")
+        if summary and (tree or fmt is not None):
+            raise UsageError("--summary prints one line of its own; drop --tree and -f")
         kind = output_format(fmt, LIST_FORMATS)
         if kind in PICTURE_FORMATS and (tree or depth is not None):
             raise UsageError(f"-f {kind} always draws the module tree; drop "
                              f"{'--tree' if tree else '--depth'}")
         inv = inspect(source, patterns or [], excludes=exclude or [],
                       options=options(key, arg, Path(weights) if weights else None,
-                                      unsafe_load, buffers),
+                                      unsafe_load, buffers, quiet=quiet),
                       prefix=strip_prefix, trainable=True if trainable else False if frozen
                       else None, allow_empty=allow_empty)
         show_headers = headers if headers is not None else kind != "tsv"
-        if tree:
-            render_tree(inv, kind, sys.stdout, depth=depth, headers=show_headers, width=width)
-        else:
-            render_inventory(inv, kind, sys.stdout, headers=show_headers, width=width)
+        if not (fail_if_any and quiet):
+            with result_output() as out:
+                if summary:
+                    out.write(trainable_summary(inv.params) + "\n")
+                elif tree:
+                    render_tree(inv, kind, out, depth=depth, headers=show_headers, width=width)
+                else:
+                    render_inventory(inv, kind, out, headers=show_headers, width=width)
+        if fail_if_any and inv.params:
+            if not quiet:
+                n = len(inv.params)
+                first = ", ".join(p.name for p in inv.params[:3])
+                more = f" (+{n - 3} more)" if n > 3 else ""
+                sys.stderr.write(one_line(f"check failed (--fail-if-any): {n} tensor"
+                                          f"{'s' if n != 1 else ''} selected: {first}{more}")
+                                 + "\n")
+            raise typer.Exit(4)

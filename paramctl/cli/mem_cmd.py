@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +18,7 @@ from paramctl.cli.common import (
     handle_errors,
     options,
     output_format,
+    result_output,
 )
 
 EXAMPLES = """
@@ -52,7 +51,7 @@ def mem_command(
     weights: WeightsOpt = None,
     unsafe_load: UnsafeOpt = False,
     quiet: Annotated[bool, typer.Option(
-        "-q", "--quiet", help="No warnings on stderr.")] = False,
+        "-q", "--quiet", help="No warnings on stderr: only the estimate and errors.")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Estimate training memory: weights, gradients, master copy, optimizer state.
@@ -62,11 +61,10 @@ def mem_command(
     from paramctl.core import mem
     from paramctl.render.mem import MEM_FORMATS, render_mem
 
-    with handle_errors(debug):
+    with handle_errors(debug, quiet):
         kind = output_format(fmt or "table", MEM_FORMATS)
-        # options() prints the --unsafe-load warning; -q keeps it off stderr
-        opts = replace(options(key, arg, Path(weights) if weights else None,
-                               unsafe_load and not quiet), unsafe_load=unsafe_load)
+        opts = options(key, arg, Path(weights) if weights else None, unsafe_load, quiet=quiet)
         est = mem(source, optimizer=optimizer, precision=precision, shards=shards, zero=zero,
                   strip_prefix=strip_prefix, options=opts)
-        render_mem(est, kind, sys.stdout)
+        with result_output() as out:
+            render_mem(est, kind, out)

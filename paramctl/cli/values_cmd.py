@@ -21,6 +21,7 @@ from paramctl.cli.common import (
     handle_errors,
     options,
     output_format,
+    result_output,
 )
 
 STATS_EXAMPLES = """
@@ -79,7 +80,7 @@ def stats_command(
     from paramctl.render.values import STATS_FORMATS, render_stats
     from paramctl.values import stats
 
-    with handle_errors(debug):
+    with handle_errors(debug, quiet):
         kind = output_format(fmt, STATS_FORMATS)
         result = stats(source, patterns or [], excludes=exclude or [],
                        options=options(key, None, None, unsafe_load), prefix=strip_prefix,
@@ -87,8 +88,9 @@ def stats_command(
         if not _printing_rank():
             return
         if not quiet:
-            render_stats(result, kind, sys.stdout,
-                         headers=headers if headers is not None else kind != "tsv")
+            with result_output() as stdout:
+                render_stats(result, kind, stdout,
+                             headers=headers if headers is not None else kind != "tsv")
         bad = result.nonfinite
         if check and bad:
             names = ", ".join(r.name for r in bad[:5]) + (", ..." if len(bad) > 5 else "")
@@ -131,7 +133,7 @@ def diff_command(
     from paramctl.render.values import DIFF_FORMATS, render_diff
     from paramctl.values import diff
 
-    with handle_errors(debug):
+    with handle_errors(debug, quiet):
         kind = output_format(fmt, DIFF_FORMATS)
         opts = options(key, None, None, unsafe_load)
         result = diff(a, b, patterns or [], excludes=exclude or [],
@@ -140,7 +142,8 @@ def diff_command(
         if not _printing_rank():
             return
         if not quiet:
-            render_diff(result, kind, sys.stdout, show_all=show_all,
-                        headers=headers if headers is not None else kind != "tsv")
+            with result_output() as stdout:
+                render_diff(result, kind, stdout, show_all=show_all,
+                            headers=headers if headers is not None else kind != "tsv")
         if exit_code and result.differs:
             raise typer.Exit(4)

@@ -10,11 +10,14 @@ so that a later run can recognise and remove those left by a killed process.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
+import itertools
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -25,8 +28,11 @@ __all__ = [
     "TEMP_MARK",
     "FdPool",
     "atomic_write",
+    "check_rewritable",
     "copy_range",
     "file_identity",
+    "in_hf_cache",
+    "lock_wait",
     "locked",
     "read_exact",
     "resolve_target",
@@ -85,16 +91,102 @@ def _explain(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+# How long :func:`locked` waits for another writer's lock. A context variable rather than
+# a parameter so that every writer module (each takes its own locks) honours ``--wait``
+# without each one's signature growing: :func:`paramctl.writers.write` sets it.
+_LOCK_WAIT: contextvars.ContextVar[float] = contextvars.ContextVar("lock_wait", default=0.0)
+_POLL = 0.05
+
+
+@contextlib.contextmanager
+def lock_wait(seconds: float) -> Iterator[None]:
+    """Within this block, :func:`locked` waits up to ``seconds`` for a lock held elsewhere."""
+    token = _LOCK_WAIT.set(max(0.0, seconds))
+    try:
+        yield
+    finally:
+        _LOCK_WAIT.reset(token)
+
+
+def _lock_holder(fd: int) -> tuple[int, list[str]] | None:
+    """``(pid, argv)`` of the process holding a flock on ``fd``'s file, from
+    ``/proc/locks`` (Linux); ``None`` when it cannot be told."""
+    st = os.fstat(fd)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2147466 0 EOF" (" -> " marks waiters)
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == ident:
+            try:
+                pid = int(fields[4])
+            except ValueError:
+                return None
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    argv = fh.read().decode("utf-8", "replace").split("\0")
+            except OSError:
+                argv = []
+            return pid, [a for a in argv if a]
+    return None
+
+
+def _is_paramctl(argv: list[str]) -> bool:
+    """``paramctl ...``, ``python -m paramctl ...`` or ``torchrun -m paramctl ...``."""
+    if any(os.path.basename(a) == "paramctl" for a in argv[:2]):
+        return True
+    return any(a == "-m" and b == "paramctl" for a, b in itertools.pairwise(argv))
+
+
+def _locked_message(path: Path, fd: int, waited: float) -> str:
+    holder = _lock_holder(fd)
+    after = f" (waited {waited:g} s)" if waited else ""
+    advice = ("try again when it has finished" if waited else
+              "try again when it has finished, or pass --wait SECONDS")
+    if holder is None:
+        return (f"{path} is locked by another process{after}, probably another paramctl "
+                f"rewriting it; {advice}")
+    pid, argv = holder
+    if _is_paramctl(argv):
+        return (f"{path} is being rewritten by another paramctl process (pid {pid}){after}; "
+                f"{advice}")
+    cmd = " ".join(argv)
+    shown = cmd if len(cmd) <= 60 else cmd[:57] + "..."
+    return (f"{path} is locked by another process (pid {pid}: {shown or 'unknown command'})"
+            f"{after}; paramctl takes the same lock to rewrite it: {advice}")
+
+
+def _acquire(path: Path, fd: int) -> None:
+    """Take the exclusive flock, polling until the :func:`lock_wait` deadline."""
+    wait = _LOCK_WAIT.get()
+    start = time.monotonic()
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            waited = time.monotonic() - start
+            if waited >= wait:
+                raise WriteError(_locked_message(path, fd, wait)) from None
+            time.sleep(min(_POLL, wait - waited))
+
+
 @contextlib.contextmanager
 def locked(path: Path, expect: FileIdentity | None = None) -> Iterator[int | None]:
     """Hold an exclusive writer lock on ``path`` (if it exists) for the whole rewrite, and
     yield the locked read-only fd (``None`` when the file does not exist yet).
 
-    A second paramctl writing the same file is refused at once instead of racing; the
-    lock is taken on the file itself and re-checked after the fact, so a writer that
-    opened the file just before another replaced it notices and stops. With ``expect``
-    (the :func:`file_identity` taken when the source was read), a file that changed
-    in between is refused too, so no write starts from a stale read.
+    A second paramctl writing the same file is refused (at once, or after the
+    :func:`lock_wait` allowance) instead of racing, with a message naming the holder's
+    pid when ``/proc/locks`` tells it; the lock is taken on the file itself and re-checked
+    after the fact, so a writer that opened the file just before another replaced it
+    notices and stops. With ``expect`` (the :func:`file_identity` taken when the source
+    was read), a file that changed in between is refused too, so no write starts from a
+    stale read.
     """
     if not path.exists():
         yield None
@@ -104,13 +196,7 @@ def locked(path: Path, expect: FileIdentity | None = None) -> Iterator[int | Non
     except OSError as exc:
         raise WriteError(f"cannot open {path}: {_explain(exc)}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise WriteError(
-                f"{path} is being rewritten by another paramctl process; try again when it "
-                "has finished"
-            ) from None
+        _acquire(path, fd)
         st = os.fstat(fd)
         if os.stat(path).st_ino != st.st_ino:
             raise WriteError(
@@ -123,6 +209,45 @@ def locked(path: Path, expect: FileIdentity | None = None) -> Iterator[int | Non
         yield fd
     finally:
         os.close(fd)
+
+
+def in_hf_cache(path: Path) -> bool:
+    """Whether ``path`` is a file of a Hugging Face hub cache: a ``snapshots/<rev>/`` entry
+    that resolves into the content-addressed ``blobs/`` folder beside it."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and (real.parent.parent / "snapshots").is_dir():
+        return True
+    return "snapshots" in Path(os.path.abspath(path)).parts and "blobs" in real.parts
+
+
+def _read_only(path: Path) -> bool:
+    """No write permission for this user. root may write anything, so for root a file
+    counts read-only when no write bit is set at all (``chmod a-w``)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if os.geteuid() == 0:
+        return not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    return not os.access(path, os.W_OK)
+
+
+def check_rewritable(path: Path, *, in_place: bool, force: bool = False) -> None:
+    """Refuse to replace ``path`` when that would surprise: a file in the Hugging Face
+    cache (rewriting its blob corrupts the cache: the blob is named by its content, and
+    other snapshots may share it), or, in place and without ``force``, a read-only file
+    (the atomic rename would replace it although its mode says "do not write").
+
+    Called for every target on the write path (:func:`paramctl.writers.write`).
+    """
+    if not path.exists():
+        return
+    if in_hf_cache(path):
+        how = "pass -o OUT" if in_place else "choose another -o"
+        raise WriteError(f"{path} is a file in the Hugging Face cache; writing it in place "
+                         f"would corrupt the cache: {how}")
+    if in_place and not force and _read_only(resolve_target(path)):
+        raise WriteError(f"{path} is read-only; write elsewhere with -o OUT, or pass --force")
 
 
 def _block_sigint() -> bool:

@@ -12,7 +12,7 @@ from paramctl.model import FLOAT_DTYPES, ChangeResult, ParamInfo, totals
 
 __all__ = [
     "TRAINABLE_WORDS", "TreeRow", "action_text", "grad_bits", "human_bytes", "param_record",
-    "pct", "summary_line", "totals_record", "tree_rows",
+    "pct", "summary_line", "totals_record", "trainable_summary", "tree_rows",
 ]
 
 
@@ -132,5 +132,19 @@ def summary_line(result: ChangeResult, *, dry_run: bool) -> str:
     if dry_run:
         return text + "; nothing written (dry run)"
     if result.written is not None:
-        return text + f"; wrote {result.written}"
+        return text  # `wrote PATH` follows on stderr
     return text + "; nothing to write"
+
+
+def trainable_summary(params: Sequence[ParamInfo]) -> str:
+    """PEFT's ``print_trainable_parameters()`` line, over paramctl's totals (tied tensors
+    once; buffers and integer tensors count in "all params", never as trainable).
+
+    >>> trainable_summary([ParamInfo("w", (4,), "float32", 4, 16, True),
+    ...                    ParamInfo("b", (2,), "float32", 2, 8, False)])
+    'trainable params: 4 || all params: 6 || trainable%: 66.6667'
+    """
+    t = totals(params)
+    share = 100 * t.trainable / t.numel if t.numel else 0.0
+    return (f"trainable params: {t.trainable:,d} || all params: {t.numel:,d} || "
+            f"trainable%: {share:.4f}")

@@ -1,5 +1,10 @@
 """Output for programs: TSV (no header unless asked, no colour, no truncation), JSON, JSONL
-and names. Written directly, never through rich."""
+and names. Written directly, never through rich.
+
+In TSV and ``names`` every name is escaped so that one record stays one line and one field:
+a tab becomes ``\\t``, a newline ``\\n``, a carriage return ``\\r`` and a backslash
+``\\\\`` (``--names-from`` reverses it). JSON carries names as they are.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,49 @@ from typing import Any, TextIO
 from paramctl.model import ChangeResult, Inventory
 from paramctl.render.common import param_record, totals_record, tree_rows
 
-__all__ = ["MACHINE_FORMATS", "changes", "inventory", "tree"]
+__all__ = ["CHANGES_TSV_COLUMNS", "INVENTORY_TSV_COLUMNS", "MACHINE_FORMATS", "changes",
+           "escape_field", "inventory", "tree", "unescape_field"]
 
 MACHINE_FORMATS = ("tsv", "json", "jsonl", "names")
+
+INVENTORY_TSV_COLUMNS = ("name", "shape", "dtype", "numel", "requires_grad", "tied")
+# ``via`` sits before the flags so that a line never ends in an empty field.
+CHANGES_TSV_COLUMNS = ("name", "action", "via", "requires_grad_before", "requires_grad_after")
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def escape_field(text: str) -> str:
+    """``a\\tb`` for a name holding a tab: one TSV field, one line.
+
+    >>> escape_field("odd\\tname\\\\x")
+    'odd\\\\tname\\\\\\\\x'
+    """
+    if not any(c in text for c in _ESCAPES):
+        return text
+    return "".join(_ESCAPES.get(c, c) for c in text)
+
+
+def unescape_field(text: str) -> str:
+    """Undo :func:`escape_field`; a backslash before any other character stays as it is.
+
+    >>> unescape_field(escape_field("a\\tb\\\\n")) == "a\\tb\\\\n"
+    True
+    """
+    if "\\" not in text:
+        return text
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in _UNESCAPES:
+            out.append(_UNESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 def inventory(inv: Inventory, fmt: str, out: TextIO, *, headers: bool = False) -> None:
@@ -30,13 +75,14 @@ def inventory(inv: Inventory, fmt: str, out: TextIO, *, headers: bool = False) -
             out.write(json.dumps(param_record(p)) + "\n")
     elif fmt == "names":
         for p in params:
-            out.write(p.name + "\n")
+            out.write(escape_field(p.name) + "\n")
     else:
         if headers:
-            out.write("name\tshape\tdtype\tnumel\trequires_grad\n")
+            out.write("\t".join(INVENTORY_TSV_COLUMNS) + "\n")
         for p in params:
-            out.write(f"{p.name}\t{p.shape_text}\t{p.dtype}\t{p.numel}\t"
-                      f"{'true' if p.requires_grad else 'false'}\n")
+            tied = ",".join(escape_field(t) for t in p.tied)
+            out.write(f"{escape_field(p.name)}\t{p.shape_text}\t{p.dtype}\t{p.numel}\t"
+                      f"{'true' if p.requires_grad else 'false'}\t{tied}\n")
 
 
 def tree(inv: Inventory, fmt: str, out: TextIO, *, depth: int | None = None,
@@ -54,12 +100,12 @@ def tree(inv: Inventory, fmt: str, out: TextIO, *, depth: int | None = None,
         return
     if fmt == "names":
         for r in rows[1:]:
-            out.write(r.module + "\n")
+            out.write(escape_field(r.module) + "\n")
         return
     if headers:
         out.write("module\tnumel\tbytes\ttrainable\n")
     for r in rows:
-        out.write(f"{r.module}\t{r.numel}\t{r.nbytes}\t{r.trainable}\n")
+        out.write(f"{escape_field(r.module)}\t{r.numel}\t{r.nbytes}\t{r.trainable}\n")
 
 
 def changes(result: ChangeResult, fmt: str, out: TextIO, *, dry_run: bool,
@@ -80,10 +126,11 @@ def changes(result: ChangeResult, fmt: str, out: TextIO, *, dry_run: bool,
         return
     if fmt == "names":
         for c in items:
-            out.write(c.name + "\n")
+            out.write(escape_field(c.name) + "\n")
         return
     if headers:
-        out.write("name\taction\trequires_grad_before\trequires_grad_after\tvia\n")
+        out.write("\t".join(CHANGES_TSV_COLUMNS) + "\n")
     for c in items:
-        out.write(f"{c.name}\t{c.action}\t{str(c.before).lower()}\t"
-                  f"{str(c.after).lower()}\t{c.via or ''}\n")
+        out.write(f"{escape_field(c.name)}\t{escape_field(c.action)}\t"
+                  f"{escape_field(c.via or '')}\t{str(c.before).lower()}\t"
+                  f"{str(c.after).lower()}\n")

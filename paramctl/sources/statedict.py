@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from paramctl.errors import SourceError
+from paramctl.errors import ParamctlWarning, SourceError
 
-__all__ = ["WRAPPER_KEYS", "View", "find_state_dict", "strip_prefix"]
+__all__ = ["WRAPPER_KEYS", "View", "find_state_dict", "prefix_list", "strip_prefix",
+           "strip_prefixes", "warn_prefix_unmatched"]
 
 WRAPPER_KEYS = (
     "state_dict",
@@ -142,3 +143,49 @@ def strip_prefix(names: list[str], prefix: str) -> dict[str, str]:
             raise SourceError(f"--strip-prefix {prefix!r} makes two names collide: {view!r}")
         shown[view] = name
     return shown
+
+
+def prefix_list(prefix: str | Sequence[str] | None) -> list[str]:
+    """Normalise ``strip_prefix`` arguments: one string or several, each ending in a dot.
+
+    ``"module"`` and ``"module."`` both strip ``module.`` (a prefix is a module path, so
+    ``"mod"`` never turns ``model.x`` into ``el.x``); empty strings are dropped.
+
+    >>> prefix_list(["_orig_mod", "module."])
+    ['_orig_mod.', 'module.']
+    """
+    if prefix is None:
+        return []
+    items = [prefix] if isinstance(prefix, str) else list(prefix)
+    return [p if p.endswith(".") else p + "." for p in items if p]
+
+
+def strip_prefixes(names: list[str], prefixes: Sequence[str]
+                   ) -> tuple[dict[str, str], list[str]]:
+    """Apply ``prefixes`` in order (each to the names the previous one left) and return
+    ``(shown -> stored, prefixes that matched no name)``.
+
+    >>> strip_prefixes(["_orig_mod.module.w"], ["_orig_mod.", "module.", "x."])
+    ({'w': '_orig_mod.module.w'}, ['x.'])
+    """
+    shown = {n: n for n in names}
+    unmatched: list[str] = []
+    for prefix in prefixes:
+        if not any(view.startswith(prefix) for view in shown):
+            unmatched.append(prefix)
+            continue
+        stripped = strip_prefix(list(shown), prefix)
+        shown = {view: shown[before] for view, before in stripped.items()}
+    return shown, unmatched
+
+
+def warn_prefix_unmatched(prefix: str, display: str, names: Sequence[str]) -> None:
+    """Warn (:class:`ParamctlWarning`) that ``prefix`` strips nothing, naming what the
+    names do start with."""
+    import warnings
+
+    heads = list(dict.fromkeys(n.split(".", 1)[0] + ("." if "." in n else "") for n in names))
+    shown = ", ".join(heads[:4]) + (", ..." if len(heads) > 4 else "")
+    warnings.warn(ParamctlWarning(
+        f"strip prefix {prefix!r} matches no name in {display}"
+        + (f" (names start with {shown})" if heads else "")), stacklevel=2)

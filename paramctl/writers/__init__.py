@@ -17,7 +17,7 @@ from typing import Any
 
 from paramctl.errors import OperationError, UsageError
 from paramctl.formats import FROZEN_KEY, PT_EXTENSIONS
-from paramctl.io.files import FdPool, locked
+from paramctl.io.files import FdPool, check_rewritable, lock_wait, locked
 from paramctl.model import FLOAT_DTYPES, Edit, TensorRecord
 from paramctl.writers.base import Progress, edited, source_gone
 
@@ -47,13 +47,38 @@ _NATIVE = {"pt": "pt", "safetensors": "safetensors", "safetensors-sharded": "fol
            "pt-sharded": "folder", "dcp": "folder"}
 
 
-def write(source: Any, edit: Edit, out: Path | None, progress: Progress | None = None) -> Path:
+def _in_place_target(source: Any) -> Path | None:
+    """The file an in-place rewrite of ``source`` replaces (for the checks before it)."""
+    if source.format == "module":
+        return None  # needs -o
+    for attr in ("path", "index_path"):
+        target = getattr(source, attr, None)
+        if isinstance(target, Path):
+            return target
+    folder = getattr(source, "folder", None)
+    return folder / ".metadata" if isinstance(folder, Path) else None
+
+
+def write(source: Any, edit: Edit, out: Path | None, progress: Progress | None = None, *,
+          force: bool = False, wait: float = 0.0) -> Path:
     """Apply ``edit`` to ``source`` and save it, in place (``out is None``) or to ``out``,
     atomically. A same-format write keeps everything the edit does not touch; another
-    format streams the tensors one at a time (a conversion)."""
+    format streams the tensors one at a time (a conversion).
+
+    Every write passes :func:`~paramctl.io.files.check_rewritable` first (a Hugging Face
+    cache file is refused; a read-only file in place too, unless ``force``), and waits up
+    to ``wait`` seconds for another paramctl's lock on the file."""
     if getattr(source, "remote", False):
         raise UsageError(f"{source.display}: remote sources are read-only; download first")
     check_writable(source)
+    target = out if out is not None else _in_place_target(source)
+    if target is not None:
+        check_rewritable(target, in_place=out is None, force=force)
+    with lock_wait(wait):
+        return _write(source, edit, out, progress)
+
+
+def _write(source: Any, edit: Edit, out: Path | None, progress: Progress | None) -> Path:
     fmt = source.format
     if fmt == "module":
         from paramctl.writers import module
@@ -154,8 +179,8 @@ def write_converted(source: Any,
                     make: Callable[[list[TensorRecord]], list[TensorRecord]],
                     out: Path | None, *, renames: Mapping[str, str], drops: set[str],
                     casts: set[str], edit: Edit | None = None,
-                    max_shard_size: int | None = None, progress: Progress | None = None
-                    ) -> Path:
+                    max_shard_size: int | None = None, progress: Progress | None = None,
+                    force: bool = False, wait: float = 0.0) -> Path:
     """Write ``source`` after ``convert``'s transforms, in place or to ``out``.
 
     A torch file written as a torch file keeps everything beside the tensors: renames and
@@ -165,10 +190,21 @@ def write_converted(source: Any,
     """
     if getattr(source, "remote", False):
         raise UsageError("remote sources are read-only; download first")
+    check_writable(source)
+    target = out if out is not None else _in_place_target(source)
+    if target is not None:
+        check_rewritable(target, in_place=out is None, force=force)
+    with lock_wait(wait):
+        return _write_converted(source, make, out, renames=renames, drops=drops, casts=casts,
+                                edit=edit or Edit(), max_shard_size=max_shard_size,
+                                progress=progress)
+
+
+def _write_converted(source: Any, make: Callable[[list[TensorRecord]], list[TensorRecord]],
+                     out: Path | None, *, renames: Mapping[str, str], drops: set[str],
+                     casts: set[str], edit: Edit, max_shard_size: int | None,
+                     progress: Progress | None) -> Path:
     fmt = source.format
-    if fmt == "gguf":
-        raise UsageError(f"{source.display}: GGUF files are read-only in paramctl")
-    edit = edit or Edit()
     kind = output_kind(out) if out is not None else _NATIVE[fmt]
     if kind == "folder" and max_shard_size is None:
         if out is None:
