@@ -14,6 +14,7 @@ __all__ = [
     "INDEX_SUFFIX",
     "PT_EXTENSIONS",
     "STORAGE_DTYPES",
+    "contiguous_stride",
 ]
 
 # Suffixes of torch zip checkpoints written by torch.save.
@@ -48,3 +49,13 @@ STORAGE_DTYPES: dict[str, str] = {
     "QUInt4x2Storage": "quint4x2",
     "QUInt2x4Storage": "quint2x4",
 }
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The row-major strides (in elements) of a tensor of ``shape``, as torch gives them."""
+    stride = []
+    acc = 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(stride))

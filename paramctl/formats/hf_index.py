@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from paramctl.errors import CorruptFileError, SourceError
 from paramctl.formats import FROZEN_KEY
 from paramctl.io.reader import open_reader
 
-__all__ = ["MAX_INDEX_BYTES", "find_index", "index_doc", "index_frozen", "read_index"]
+__all__ = ["MAX_INDEX_BYTES", "find_index", "index_doc", "index_frozen", "read_index",
+           "uncopied_files"]
 
 MAX_INDEX_BYTES = 256 << 20
 
@@ -94,3 +96,18 @@ def index_doc(index: dict[str, Any], frozen: set[str],
     if weight_map is not None:
         doc["weight_map"] = weight_map
     return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def uncopied_files(folder: Path, index_path: Path, shards: Iterable[str], out: Path
+                   ) -> list[str]:
+    """The warning a folder -> new folder write gives about files it does not copy
+    (a config, a tokenizer...): only the shards and the index are written."""
+    known = set(shards)
+    extra = sorted(p.name for p in folder.iterdir()
+                   if p.is_file() and p.name not in known
+                   and p != index_path and not p.name.startswith("."))
+    if extra and out.suffix == "":
+        return [f"only the shards and the index are written to {out}; other files in "
+                f"{folder} ({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''})"
+                " are not copied"]
+    return []

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paramctl.errors import CorruptFileError, UnsafeFileError
+from paramctl.formats import STORAGE_DTYPES
 
 __all__ = [
     "STORAGE_DTYPES",
@@ -51,26 +52,6 @@ __all__ = [
     "parse_pickle",
 ]
 
-# torch.<Name>Storage -> dtype name (torch/storage.py _dtype_to_storage_type_map).
-STORAGE_DTYPES: dict[str, str] = {
-    "DoubleStorage": "float64",
-    "FloatStorage": "float32",
-    "HalfStorage": "float16",
-    "LongStorage": "int64",
-    "IntStorage": "int32",
-    "ShortStorage": "int16",
-    "CharStorage": "int8",
-    "ByteStorage": "uint8",
-    "BoolStorage": "bool",
-    "BFloat16Storage": "bfloat16",
-    "ComplexDoubleStorage": "complex128",
-    "ComplexFloatStorage": "complex64",
-    "QInt8Storage": "qint8",
-    "QInt32Storage": "qint32",
-    "QUInt8Storage": "quint8",
-    "QUInt4x2Storage": "quint4x2",
-    "QUInt2x4Storage": "quint2x4",
-}
 
 # dtypes that torch pickles as `torch.<name>` globals (arguments of _rebuild_tensor_v3).
 _DTYPE_GLOBALS = frozenset(

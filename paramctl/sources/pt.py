@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from paramctl.errors import CorruptFileError, SourceError, UnsafeFileError
-from paramctl.formats import PT_EXTENSIONS
+from paramctl.formats import PT_EXTENSIONS, contiguous_stride
 from paramctl.formats.zip import Record, read_records
 from paramctl.io.files import FdPool, read_exact
 from paramctl.io.reader import ByteReader, LocalReader, is_remote, open_reader, spec_name
@@ -205,7 +205,7 @@ class PtSource:
             rec = self._storage_record(ref)
             item = DTYPE_SIZES.get(ref.dtype, 1)
             frozen = ref.is_parameter and not ref.requires_grad and ref.dtype in FLOAT_DTYPES
-            if ref.stride == _contiguous_stride(ref.shape) or ref.numel <= 1:
+            if ref.stride == contiguous_stride(ref.shape) or ref.numel <= 1:
                 out.append(TensorRecord(p.name, p.dtype, p.shape, frozen, p.nbytes, fd,
                                         rec.offset + ref.offset * item))
             else:
@@ -377,15 +377,6 @@ def open_pt(path: str, options: OpenOptions) -> PtSource | UnsafePtSource:
             raise
         local_only(path, is_remote(path))
         return UnsafePtSource(path, options)
-
-
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    stride = []
-    acc = 1
-    for d in reversed(shape):
-        stride.append(acc)
-        acc *= max(d, 1)
-    return tuple(reversed(stride))
 
 
 def _strided_loader(fd: int, rec: Record, ref: TensorRef, display: str

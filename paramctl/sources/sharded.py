@@ -14,7 +14,7 @@ from typing import Any
 from paramctl.errors import CorruptFileError, SourceError
 from paramctl.formats import INDEX_SUFFIX
 from paramctl.formats.hf_index import find_index as _find_index
-from paramctl.formats.hf_index import index_frozen, read_index
+from paramctl.formats.hf_index import index_frozen, read_index, uncopied_files
 from paramctl.formats.safetensors import Header, TensorEntry, header_records, read_header
 from paramctl.io.files import FdPool, FileIdentity
 from paramctl.io.reader import LocalReader, is_remote, join, open_reader, spec_name
@@ -90,14 +90,9 @@ class ShardedSource:
         return edit.frozen_after(self.frozen, self.weight_map)
 
     def conversion_warnings(self, out: Path) -> list[str]:
-        extra = sorted(p.name for p in self.folder.iterdir()
-                       if p.is_file() and p.name not in self.headers
-                       and p != self.index_path and not p.name.startswith("."))
-        if extra and out.suffix == "":
-            return [f"only the shards and the index are written to {out}; other files in "
-                    f"{self.folder} ({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''})"
-                    " are not copied"]
-        return []
+        if self.remote:
+            return []  # remote sources are never written; the write says so
+        return uncopied_files(self.folder, self.index_path, self.headers, out)
 
     def _read_shards(self) -> list[tuple[str, Header, int, FileIdentity | None]]:
         shards = list(dict.fromkeys(self.weight_map.values()))

@@ -19,7 +19,7 @@ from typing import Any, Protocol, cast
 
 from paramctl.errors import CorruptFileError, SourceError
 from paramctl.formats import BIN_INDEX_SUFFIX
-from paramctl.formats.hf_index import find_index, index_frozen, read_index
+from paramctl.formats.hf_index import find_index, index_frozen, read_index, uncopied_files
 from paramctl.formats.zip import Record
 from paramctl.io.files import FdPool, FileIdentity
 from paramctl.io.reader import is_remote, join
@@ -141,14 +141,7 @@ class ShardedBinSource:
     def conversion_warnings(self, out: Path) -> list[str]:
         if self.remote:
             return []  # remote sources are never written; the write says so
-        extra = sorted(p.name for p in self.folder.iterdir()
-                       if p.is_file() and p.name not in self.shards
-                       and p != self.index_path and not p.name.startswith("."))
-        if extra and out.suffix == "":
-            return [f"only the shards and the index are written to {out}; other files in "
-                    f"{self.folder} ({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''})"
-                    " are not copied"]
-        return []
+        return uncopied_files(self.folder, self.index_path, self.shards, out)
 
 
 def _detect(spec: str) -> bool:

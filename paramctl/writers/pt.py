@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from paramctl.errors import OperationError
-from paramctl.formats import STORAGE_DTYPES
+from paramctl.formats import STORAGE_DTYPES, contiguous_stride
 from paramctl.formats.zip import NewRecord, Record, write_zip
 from paramctl.io.files import FileIdentity, atomic_write, locked, read_exact
 from paramctl.model import DTYPE_SIZES, Edit, TensorRecord
@@ -66,15 +66,6 @@ def _p_global(module: str, name: str) -> bytes:
 _EMPTY_OD = _p_global("collections", "OrderedDict") + b")R"
 
 
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    stride = []
-    acc = 1
-    for d in reversed(shape):
-        stride.append(acc)
-        acc *= max(d, 1)
-    return tuple(reversed(stride))
-
-
 def state_dict_pickle(records: Sequence[TensorRecord]) -> bytes:
     """Pickle bytes of ``OrderedDict(name -> tensor)`` with storage keys ``0..n-1``."""
     parts = [b"\x80\x02", _EMPTY_OD, b"("]
@@ -93,7 +84,7 @@ def state_dict_pickle(records: Sequence[TensorRecord]) -> bytes:
         pid = b"(" + _p_str("storage") + storage + _p_str(str(key)) + _p_str("cpu") + \
             _p_int(pid_numel) + b"tQ"
         tensor = func + b"(" + pid + _p_int(0) + _p_tuple(s.shape) + \
-            _p_tuple(_contiguous_stride(s.shape)) + b"\x89" + _EMPTY_OD + tail + b"tR"
+            _p_tuple(contiguous_stride(s.shape)) + b"\x89" + _EMPTY_OD + tail + b"tR"
         if s.frozen:
             tensor = _p_global("torch._utils", "_rebuild_parameter") + tensor + b"\x89" + \
                 _EMPTY_OD + b"\x87R"
