@@ -37,7 +37,7 @@ from sample_models.mlp import MLP
 from sample_models.transformer import TinyTransformer
 
 Sample = Callable[[str], Path]
-COMMANDS = ["list", "freeze", "unfreeze", "init", "apply", "mem"]
+COMMANDS = ["list", "freeze", "unfreeze", "init", "apply", "mem", "convert", "stats", "diff"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 PARAMCTL = f"{sys.executable} -m paramctl"
 

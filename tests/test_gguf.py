@@ -169,9 +169,9 @@ def test_a_numpy_shape_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture
     w.write_tensors_to_file()
     w.close()
     assert cli(capsys, "list", path, "-f", "tsv") == (
-        "a\t3x5\tfloat32\t15\ttrue\n"
-        "b\t2x3x7\tfloat16\t42\ttrue\n"
-        "q\t5x64\tQ8_0\t320\tfalse\n")
+        "a\t3x5\tfloat32\t15\ttrue\t\n"
+        "b\t2x3x7\tfloat16\t42\ttrue\t\n"
+        "q\t5x64\tQ8_0\t320\tfalse\t\n")
 
 
 @pytest.mark.parametrize("variant", ["big-endian", "alignment-64", "version-2"])
@@ -264,8 +264,8 @@ def test_tree_tsv_names_and_table(llama: tuple[Path, dict[str, Written]],
     path, written = llama
     assert cli(capsys, "list", path, "-f", "names").split() == list(written)
     tsv = cli(capsys, "list", path, "-f", "tsv").splitlines()
-    assert tsv[1] == "blk.0.attn_norm.weight\t64\tfloat32\t64\ttrue"
-    assert "blk.0.ffn_up.weight\t96x256\tQ4_K\t24576\tfalse" in tsv
+    assert tsv[1] == "blk.0.attn_norm.weight\t64\tfloat32\t64\ttrue\t"
+    assert "blk.0.ffn_up.weight\t96x256\tQ4_K\t24576\tfalse\t" in tsv
     tree = cli(capsys, "list", path, "--tree", "--depth", "2", "-f", "tsv").splitlines()
     rows = {line.split("\t")[0]: line.split("\t")[1:] for line in tree}
     assert list(rows)[:3] == ["(all)", "token_embd", "blk"]

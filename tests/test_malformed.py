@@ -577,7 +577,7 @@ def test_gguf_builder_makes_a_valid_file(tmp_path: Path) -> None:
     path.write_bytes(_g(_STRINGS[:-len(gguf_str("b"))] + gguf_str("b") + gguf_str("c")))
     result = run_limited("list", path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "w\t2\tfloat32\t2\ttrue\n"
+    assert result.stdout == "w\t2\tfloat32\t2\ttrue\t\n"
 
 
 @pytest.mark.parametrize("name", ["tensor-count-2**40", "array-of-2**40-strings",

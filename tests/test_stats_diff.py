@@ -254,7 +254,13 @@ def test_torchrun_ranks_equal_single_process(tmp_path: Path) -> None:
     single = run_cli("stats", folder, "-f", "json", "--jobs", "1")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    ranked = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29617",
+    import socket
+
+    with socket.socket() as probe:  # a free port: no clash with another run's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranked = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                             "--master-port", str(port),
                              "-m", "paramctl", "stats", str(folder), "-f", "json"],
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert ranked.returncode == 0, ranked.stderr[-2000:]

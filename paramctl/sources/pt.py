@@ -62,9 +62,9 @@ def is_legacy(head: bytes) -> bool:
 def _classify_non_zip(path: str, head: bytes, reader: ByteReader) -> SourceError:
     if not head:
         return CorruptFileError(f"{path}: the file is empty")
-    if is_legacy(head):  # open_pt reads these with the legacy reader
-        return CorruptFileError(f"{path}: legacy (pre-1.6, non-zip) torch format, not a zip "
-                                "archive")
+    if is_legacy(head):  # open_pt reads local ones with the legacy reader
+        return UnsafeFileError(f"{path}: legacy (pre-1.6, non-zip) torch format, read only "
+                               "from a local file: download it first")
     if head.startswith(b"PK"):
         return CorruptFileError(f"{path}: damaged zip archive")
     return CorruptFileError(f"{path}: not a torch checkpoint (not a zip archive)")
