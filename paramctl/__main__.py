@@ -1,6 +1,21 @@
-"""``python -m paramctl``."""
+"""``python -m paramctl``, and the ``paramctl`` console script: ``list`` without Typer where
+:mod:`paramctl.fastcli` can (start-up time), else the Typer app of :mod:`paramctl.cli`."""
 
-from paramctl.cli import main
+from __future__ import annotations
+
+import sys
+
+from paramctl.fastcli import exit_now, fast_main
+
+
+def main(argv: list[str] | None = None) -> None:
+    code = fast_main(sys.argv[1:] if argv is None else argv)
+    if code is not None:
+        exit_now(code)
+    from paramctl.cli import main as typer_main
+
+    typer_main(argv)
+
 
 if __name__ == "__main__":
     main()

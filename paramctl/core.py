@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING
 
 from paramctl.errors import OperationError, UsageError
 from paramctl.model import FLOAT_DTYPES, Change, ChangeResult, Edit, Inventory
-from paramctl.patterns import select
-from paramctl.rules import CONVERT_KINDS, InitRule, Step, check_applies, run_init
 from paramctl.sources.base import OpenOptions
 from paramctl.view import View, open_view
 
@@ -22,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from paramctl.memory import MemEstimate
+    from paramctl.rules import InitRule, Step
 
 __all__ = ["Change", "ChangeResult", "View", "change", "inspect", "mem", "open_view"]
 
@@ -34,13 +33,18 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
     >>> inv = inspect("sample_models/mlp.py:MLP", ["*.bias"])  # doctest: +SKIP
     """
     view = open_view(spec, options, prefix=prefix)
-    chosen = set(select(view.names, patterns, excludes, allow_empty=allow_empty,
-                        default_all=True))
-    # --frozen lists what is recorded frozen: floating-point tensors that do not train.
-    # Integer tensors (num_batches_tracked) are never trainable and never "frozen".
-    params = [p for p in view.params if p.name in chosen
-              and (trainable is None or (p.requires_grad == trainable and not p.buffer
-                                         and p.dtype in FLOAT_DTYPES))]
+    params = view.params
+    if patterns or excludes:
+        from paramctl.patterns import select
+
+        chosen = set(select(view.names, patterns, excludes, allow_empty=allow_empty,
+                            default_all=True))
+        params = [p for p in params if p.name in chosen]
+    if trainable is not None:
+        # --frozen lists what is recorded frozen: floating-point tensors that do not train.
+        # Integer tensors (num_batches_tracked) are never trainable and never "frozen".
+        params = [p for p in params if p.requires_grad == trainable and not p.buffer
+                  and p.dtype in FLOAT_DTYPES]
     return Inventory(view.source.display, view.source.format, params)
 
 
@@ -86,6 +90,9 @@ def _expand_tied(names: list[str], view: View) -> list[tuple[str, str | None]]:
 def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
          ) -> tuple[list[Change], list[str], list[str], dict[str, InitRule]]:
     """Evaluate ``steps`` in order on the current flags; the last step wins per name."""
+    from paramctl.patterns import select
+    from paramctl.rules import check_applies
+
     info = {p.name: p for p in view.params}
     flags = {p.name: p.requires_grad for p in view.params}
     inits: dict[str, tuple[InitRule, str | None]] = {}
@@ -133,6 +140,7 @@ def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
 def make_init_fn(rules: dict[str, InitRule], seed: int | None
                  ) -> Callable[[str, torch.Tensor], None]:
     """The callback writers invoke per stored tensor to re-initialise it in place."""
+    from paramctl.rules import run_init
 
     def init_fn(stored_name: str, tensor: torch.Tensor) -> None:
         run_init(rules[stored_name], stored_name, tensor, seed)
@@ -150,6 +158,8 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
     Nothing is written when nothing changes and no ``out`` was asked for. ``progress`` is
     called with ``(bytes just written, bytes in all)`` while saving.
     """
+    from paramctl.rules import CONVERT_KINDS  # `list` (inspect) never needs the rules
+
     if not steps:
         raise UsageError("nothing to do: give at least one pattern or rule")
     view = open_view(spec, options, prefix=prefix)

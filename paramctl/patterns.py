@@ -25,7 +25,6 @@ that is the name of a file there was probably an unquoted glob the shell expande
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import os
 import re
@@ -124,6 +123,8 @@ def _components(names: Sequence[str]) -> list[str]:
 
 def _closest(probe: str, candidates: Sequence[str]) -> tuple[list[str], float]:
     """Up to three close candidates and the similarity of the best (0 when none)."""
+    import difflib  # only a failed match needs it
+
     close = difflib.get_close_matches(probe, candidates, n=3, cutoff=0.4)
     if not close:
         return [], 0.0

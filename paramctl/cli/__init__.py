@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from typing import Annotated
 
@@ -25,6 +24,7 @@ from paramctl.cli.list_cmd import list_command
 from paramctl.cli.mem_cmd import EXAMPLES as MEM_EXAMPLES
 from paramctl.cli.mem_cmd import mem_command
 from paramctl.cli.values_cmd import DIFF_EXAMPLES, STATS_EXAMPLES, diff_command, stats_command
+from paramctl.fastcli import install_signal_handlers, internal_error_line
 
 __all__ = ["app", "main"]
 
@@ -81,12 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, documented exit codes."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or bool(os.environ.get("PARAMCTL_DEBUG"))
-    # A size limit must surface as an error and a clean-up, not kill the process.
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    # Piped into `head`: die quietly of SIGPIPE like other Unix tools. Rewrites finish
-    # (atomically) before anything is printed, so this never cuts a save short.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    install_signal_handlers()
     command = typer.main.get_command(app)
     try:
         code = command.main(args, prog_name="paramctl", standalone_mode=False)
@@ -109,8 +104,6 @@ def main(argv: list[str] | None = None) -> None:
         elif debug:
             raise
         else:
-            sys.stderr.write(f"error: internal error: {type(exc).__name__}: "
-                             f"{one_line(str(exc))} (run again with --debug for the "
-                             "traceback, and please report it)\n")
+            sys.stderr.write(internal_error_line(exc))
             code = 1
     sys.exit(code if isinstance(code, int) else 0)

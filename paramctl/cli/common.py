@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from paramctl.errors import ParamctlError, UsageError
+from paramctl.fastcli import one_line, output_format
+
+__all__ = ["handle_errors", "one_line", "options", "output_format", "parse_size",
+           "progress_for", "read_names", "warn"]
 
 if TYPE_CHECKING:
     from paramctl.render.text import ProgressBar
@@ -82,14 +86,6 @@ def warn(message: str) -> None:
     sys.stderr.write(f"warning: {message}\n")
 
 
-def output_format(fmt: str | None, allowed: tuple[str, ...]) -> str:
-    if fmt is None:
-        return "table" if sys.stdout.isatty() else "tsv"
-    if fmt not in allowed:
-        raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(allowed)}")
-    return fmt
-
-
 def read_names(source: str | None) -> list[str]:
     """Names one per line from a file or ``-`` (stdin); blank lines and ``#`` skipped."""
     if source is None:
@@ -104,14 +100,6 @@ def read_names(source: str | None) -> list[str]:
         if line and not line.startswith("#"):
             names.append(line.split("\t", 1)[0])
     return names
-
-
-def one_line(text: str) -> str:
-    """Escape newlines and other control characters (names come from untrusted files)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
 
 
 @contextlib.contextmanager

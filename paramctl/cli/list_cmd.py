@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -21,9 +20,8 @@ from paramctl.cli.common import (
     WeightsOpt,
     handle_errors,
     options,
-    output_format,
 )
-from paramctl.errors import UsageError
+from paramctl.fastcli import run_list
 
 EXAMPLES = """
 Examples:
@@ -64,22 +62,9 @@ def list_command(
     debug: DebugOpt = False,
 ) -> None:
     """Show a model's or checkpoint's parameters: shapes, dtypes, sizes, requires_grad."""
-    from paramctl.core import inspect
-    from paramctl.render import FORMATS, render_inventory, render_tree
-
     with handle_errors(debug):
-        if trainable and frozen:
-            raise UsageError("--trainable and --frozen exclude each other")
-        if depth is not None and not tree:
-            raise UsageError("--depth applies to --tree")
-        kind = output_format(fmt, FORMATS)
-        inv = inspect(source, patterns or [], excludes=exclude or [],
-                      options=options(key, arg, Path(weights) if weights else None,
-                                      unsafe_load, buffers),
-                      prefix=strip_prefix, trainable=True if trainable else False if frozen
-                      else None, allow_empty=allow_empty)
-        show_headers = headers if headers is not None else kind != "tsv"
-        if tree:
-            render_tree(inv, kind, sys.stdout, depth=depth, headers=show_headers, width=width)
-        else:
-            render_inventory(inv, kind, sys.stdout, headers=show_headers, width=width)
+        run_list(source, patterns or [], trainable=trainable, frozen=frozen, tree=tree,
+                 depth=depth, fmt=fmt, headers=headers, exclude=exclude or [],
+                 allow_empty=allow_empty, strip_prefix=strip_prefix, width=width,
+                 options=lambda: options(key, arg, Path(weights) if weights else None,
+                                         unsafe_load, buffers))

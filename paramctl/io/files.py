@@ -14,7 +14,6 @@ import errno
 import fcntl
 import os
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -157,6 +156,8 @@ def atomic_write(target: Path, *, mode_from: Path | None = None) -> Iterator[Bin
     # hold SIGINT until the clean-up below is in place.
     blocked = _block_sigint()
     try:
+        import tempfile  # only writes need it (and its imports cost `list` start-up)
+
         fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=folder)
     except OSError as exc:
         _unblock(blocked)

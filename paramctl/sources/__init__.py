@@ -1,12 +1,18 @@
-"""Checkpoint formats behind one protocol; importing this package registers them all.
+"""Checkpoint formats behind one protocol.
 
 Each format is one reader module that calls :func:`~paramctl.sources.base.register`;
-:func:`open_source` picks the first whose detector accepts the spec.
+:func:`open_source` picks the first whose detector accepts the spec. The formats are listed
+here, in detection order, with their detectors (:mod:`paramctl.sources.detect`): a reader
+module is imported only when a spec is opened with it, so listing a safetensors file never
+loads the pickle machinery of the torch reader.
 """
 
 from __future__ import annotations
 
-from paramctl.sources import dcp, module, pt, safetensors, sharded
+import importlib
+from typing import Any
+
+from paramctl.sources import detect
 from paramctl.sources.base import (
     Edit,
     FileSource,
@@ -14,12 +20,28 @@ from paramctl.sources.base import (
     Source,
     detect_format,
     openers,
+    register_lazy,
 )
 
 __all__ = [
     "Edit", "FileSource", "OpenOptions", "Source", "dcp", "module", "open_source", "pt",
     "safetensors", "sharded",
 ]
+
+_READERS = ("dcp", "module", "pt", "safetensors", "sharded")
+
+register_lazy("dcp", detect.dcp, "paramctl.sources.dcp")
+register_lazy("module", detect.module, "paramctl.sources.module")
+register_lazy("pt", detect.pt, "paramctl.sources.pt")
+register_lazy("safetensors", detect.safetensors, "paramctl.sources.safetensors")
+register_lazy("safetensors-sharded", detect.sharded, "paramctl.sources.sharded")
+
+
+def __getattr__(name: str) -> Any:
+    """``paramctl.sources.pt`` and the others, imported on first use."""
+    if name in _READERS:
+        return importlib.import_module(f"paramctl.sources.{name}")
+    raise AttributeError(f"module 'paramctl.sources' has no attribute {name!r}")
 
 
 def open_source(spec: str, options: OpenOptions | None = None) -> Source:

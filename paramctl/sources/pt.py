@@ -9,7 +9,6 @@ tensor record is copied unchanged.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from paramctl.formats.zip import Record, read_records
 from paramctl.io.files import FdPool, read_exact
 from paramctl.io.reader import ByteReader, LocalReader, is_remote, open_reader
 from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, ParamInfo, TensorRecord, tied_groups
+from paramctl.sources import detect
 from paramctl.sources.base import OpenOptions, register
 from paramctl.sources.pickle_vm import ParsedPickle, TensorRef, parse_pickle
 from paramctl.sources.statedict import find_state_dict
@@ -332,10 +332,4 @@ def _strided_loader(fd: int, rec: Record, ref: TensorRef, display: str
     return load
 
 
-def _detect(spec: str) -> bool:
-    return spec.lower().endswith(EXTENSIONS) and not os.path.isdir(spec) and (
-        os.path.exists(spec) or ":" not in spec
-    )
-
-
-register("pt", _detect, open_pt)
+register("pt", detect.pt, open_pt)

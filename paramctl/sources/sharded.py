@@ -18,6 +18,7 @@ from paramctl.formats.safetensors import Header, TensorEntry, header_records, re
 from paramctl.io.files import FdPool, FileIdentity
 from paramctl.io.reader import LocalReader, is_remote, join, open_reader
 from paramctl.model import FLOAT_DTYPES, Edit, ParamInfo, TensorRecord
+from paramctl.sources import detect
 from paramctl.sources.base import OpenOptions, register
 
 __all__ = ["INDEX_SUFFIX", "ShardedSource"]
@@ -192,13 +193,4 @@ class ShardedSource:
         return self.entries[name]
 
 
-def _detect(spec: str) -> bool:
-    if spec.endswith(INDEX_SUFFIX):
-        return True
-    if is_remote(spec):
-        return False
-    path = Path(spec)
-    return path.is_dir() and any(p.name.endswith(INDEX_SUFFIX) for p in path.iterdir())
-
-
-register("safetensors-sharded", _detect, ShardedSource)
+register("safetensors-sharded", detect.sharded, ShardedSource)
