@@ -4,16 +4,38 @@ rolled up from names, and the one-sentence summary of a change."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from paramctl.model import FLOAT_DTYPES, ChangeResult, ParamInfo, totals
 
+T = TypeVar("T")
+
 __all__ = [
-    "TreeRow", "action_text", "human_bytes", "param_record", "pct", "summary_line",
-    "totals_record", "tree_rows",
+    "ShapeTexts", "TreeRow", "action_text", "chunks", "human_bytes", "param_record", "pct",
+    "summary_line", "totals_record", "tree_rows",
 ]
+
+
+_CHUNK = 4096  # rows rendered per write: one string per chunk, not per row or per table
+
+
+def chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    """``items`` in slices of a few thousand, so that a listing of 100,000 rows is written
+    in a few dozen writes without ever holding all of it as one string."""
+    for start in range(0, len(items), _CHUNK):
+        yield items[start:start + _CHUNK]
+
+
+class ShapeTexts(dict[tuple[int, ...], str]):
+    """``2048x2048`` (``scalar`` for ``()``), each distinct shape formatted once: a listing
+    repeats a handful of shapes over thousands of rows."""
+
+    def __missing__(self, shape: tuple[int, ...]) -> str:
+        text = "x".join(map(str, shape)) if shape else "scalar"
+        self[shape] = text
+        return text
 
 
 def human_bytes(n: int) -> str:

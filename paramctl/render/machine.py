@@ -7,7 +7,7 @@ import json
 from typing import TextIO
 
 from paramctl.model import ChangeResult, Inventory
-from paramctl.render.common import param_record, totals_record, tree_rows
+from paramctl.render.common import ShapeTexts, chunks, param_record, totals_record, tree_rows
 
 __all__ = ["MACHINE_FORMATS", "changes", "inventory", "tree"]
 
@@ -25,14 +25,15 @@ def inventory(inv: Inventory, fmt: str, out: TextIO, *, headers: bool = False) -
         for p in params:
             out.write(json.dumps(param_record(p)) + "\n")
     elif fmt == "names":
-        for p in params:
-            out.write(p.name + "\n")
+        for chunk in chunks(params):
+            out.write("".join([p.name + "\n" for p in chunk]))
     else:
         if headers:
             out.write("name\tshape\tdtype\tnumel\trequires_grad\n")
-        for p in params:
-            out.write(f"{p.name}\t{p.shape_text}\t{p.dtype}\t{p.numel}\t"
-                      f"{'true' if p.requires_grad else 'false'}\n")
+        shapes = ShapeTexts()
+        for chunk in chunks(params):
+            out.write("".join([f"{p.name}\t{shapes[p.shape]}\t{p.dtype}\t{p.numel}\t"
+                               f"{'true' if p.requires_grad else 'false'}\n" for p in chunk]))
 
 
 def tree(inv: Inventory, fmt: str, out: TextIO, *, depth: int | None = None,
