@@ -12,6 +12,7 @@ import math
 import struct
 from dataclasses import dataclass
 from itertools import chain, repeat
+from json.encoder import encode_basestring
 from operator import itemgetter, le, lt, mul, sub
 from typing import Any, NamedTuple, TypeGuard
 
@@ -284,14 +285,29 @@ def _checked_entries(doc: dict[str, Any], data_size: int, path: str) -> list[Ten
 
 
 def encode_header(tensors: list[TensorEntry], metadata: dict[str, str]) -> bytes:
-    """Serialise a header (with its 8-byte length), space-padded to a multiple of 8."""
-    doc: dict[str, Any] = {}
-    if metadata:
-        doc["__metadata__"] = metadata
-    for e in tensors:
-        doc[e.name] = {"dtype": CODES[e.dtype], "shape": list(e.shape),
-                       "data_offsets": [e.begin, e.end]}
-    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Serialise a header (with its 8-byte length), space-padded to a multiple of 8.
+
+    The text is ``json.dumps`` of ``{"__metadata__": ..., name: {"dtype", "shape",
+    "data_offsets"}, ...}`` with ``separators=(",", ":")`` and ``ensure_ascii=False``,
+    written entry by entry (names through json's own string encoder) rather than built as
+    100,000 small dicts for ``json.dumps``.
+    """
+    names = [e.name for e in tensors]
+    if "__metadata__" in names or len(set(names)) != len(names):
+        doc: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+        for e in tensors:  # what json.dumps does with such a dict (a later key wins)
+            doc[e.name] = {"dtype": CODES[e.dtype], "shape": list(e.shape),
+                           "data_offsets": [e.begin, e.end]}
+        text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    else:
+        parts = [f'"__metadata__":{json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)}'
+                 ] if metadata else []
+        quote, codes = encode_basestring, CODES
+        parts += [f'{quote(e.name)}:{{"dtype":"{codes[e.dtype]}","shape":['
+                  f'{",".join(map(str, e.shape))}],"data_offsets":[{e.begin},{e.end}]}}'
+                  for e in tensors]
+        text = "{" + ",".join(parts) + "}"
+    body = text.encode("utf-8")
     body += b" " * ((-len(body)) % 8)
     return struct.pack("<Q", len(body)) + body
 

@@ -31,10 +31,8 @@ def _entries(records: Sequence[TensorRecord]) -> list[TensorEntry]:
 
 
 def _same_layout(entries: list[TensorEntry], header: Header) -> bool:
-    old = sorted(header.tensors, key=lambda e: e.begin)
-    return len(old) == len(entries) and all(
-        (a.name, a.dtype, a.shape, a.begin, a.end) == (b.name, b.dtype, b.shape, b.begin, b.end)
-        for a, b in zip(old, entries, strict=True))
+    # Entries are tuples (name, dtype, shape, begin, end): compared whole, in C.
+    return sorted(header.tensors, key=lambda e: e.begin) == entries
 
 
 def write_safetensors(out: Path, records: Sequence[TensorRecord], metadata: dict[str, str],
