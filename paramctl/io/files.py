@@ -25,8 +25,10 @@ __all__ = [
     "FdPool",
     "atomic_write",
     "copy_range",
+    "copy_range_at",
     "file_identity",
     "locked",
+    "pwrite_all",
     "read_exact",
     "resolve_target",
     "write_all",
@@ -271,6 +273,55 @@ def copy_range(src: int, dst: int, offset: int, length: int,
             _write_behind(dst, os.lseek(dst, 0, os.SEEK_CUR))
         if progress is not None:
             progress(n)
+
+
+def copy_range_at(src: int, dst: int, offset: int, length: int, dst_offset: int,
+                  progress: Progress | None = None,
+                  stop: Callable[[], bool] | None = None) -> None:
+    """Copy ``length`` bytes at ``offset`` of fd ``src`` to ``dst_offset`` of fd ``dst``,
+    leaving both file positions alone (so that another thread may write elsewhere in
+    ``dst``). In-kernel like :func:`copy_range`; it releases the GIL while it copies.
+    ``stop`` is asked between windows whether to give up (the caller's error). Starts the
+    disk write-back of what it copied, like :func:`copy_range`, so only one thread may
+    call it for a given ``dst``.
+    """
+    done = 0
+    use_cfr = hasattr(os, "copy_file_range")
+    while done < length:
+        if stop is not None and stop():
+            return
+        step = min(length - done, _WINDOW)
+        n = 0
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src, dst, step, offset + done, dst_offset + done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                                     errno.EPERM):
+                    raise
+                use_cfr = False
+                continue
+        else:
+            n = pwrite_all(dst, os.pread(src, min(step, _CHUNK), offset + done),
+                           dst_offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, f"unexpected end of input at byte {offset + done}")
+        done += n
+        with contextlib.suppress(OSError):  # one writer thread per fd: see _write_behind
+            _write_behind(dst, dst_offset + done)
+        if progress is not None:
+            progress(n)
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    """``os.pwrite`` until every byte is out; returns the length."""
+    view = memoryview(data)
+    pos = offset
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view = view[n:]
+        pos += n
+    return len(data)
 
 
 class FdPool:
