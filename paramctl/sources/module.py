@@ -18,11 +18,12 @@ from paramctl.errors import SourceError, UsageError
 from paramctl.model import ParamInfo
 from paramctl.sources import detect
 from paramctl.sources.base import OpenOptions, register
+from paramctl.sources.detect import is_module_path
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ModuleSource", "build_module", "parse_args"]
+__all__ = ["ModuleSource", "build_module", "is_module_path", "parse_args"]
 
 _SPEC = detect.MODULE_SPEC
 
