@@ -6,13 +6,15 @@ from __future__ import annotations
 import gc
 import sys
 
-from paramctl.fastcli import exit_now, fast_main
+from paramctl.fastcli import exit_now, fast_main, prefill_for_init
 
 
 def main(argv: list[str] | None = None) -> None:
-    code = fast_main(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    code = fast_main(args)
     if code is not None:
         exit_now(code)
+    prefill_for_init(args)
     # A rewrite of a 100,000-tensor header builds a few hundred thousand long-lived objects
     # in a burst; at the default threshold (700) the cyclic collector rescans them again and
     # again (40 % of a `freeze` of such a file). Collect a hundred times less often.

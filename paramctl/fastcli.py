@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from paramctl.sources.base import OpenOptions
 
 __all__ = ["exit_now", "fast_main", "internal_error_line", "one_line", "output_format",
-           "run_list"]
+           "prefill_for_init", "run_list"]
 
 
 def one_line(text: str) -> str:
@@ -158,6 +158,52 @@ def _fast_list(args: Sequence[str]) -> int | None:
         sys.stderr.write(f"error: {one_line(str(exc))}\n")
         return exc.exit_code
     return 0
+
+
+# -- init: copy the file while torch imports -------------------------------------------
+_INIT_VALUED = {"-o", "--output", "--seed", "-f", "--format", "--key", "--strip-prefix"}
+_INIT_FLAGS = {"--allow-empty", "--headers", "--no-headers", "-q", "--quiet"}
+
+
+def prefill_for_init(args: Sequence[str]) -> None:
+    """For ``init SRC.safetensors RULE... [-o OUT.safetensors]``, start copying SRC beside
+    its output in the background (:func:`paramctl.io.files.start_prefill`): ``init``
+    spends its first second importing torch to check its rules, and the file it writes is
+    mostly SRC's bytes. The writer takes the copy only when its output starts as exactly
+    that; nothing here decides what the command does. Unusual lines get no head start."""
+    if args[:1] != ["init"] or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return
+    positional: list[str] = []
+    out = None
+    i = 1
+    while i < len(args):
+        token = args[i]
+        i += 1
+        name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        if not token.startswith("-"):
+            positional.append(token)
+        elif name in _INIT_VALUED:
+            if not eq:
+                if i >= len(args):
+                    return
+                value = args[i]
+                i += 1
+            if name in ("-o", "--output"):
+                out = value
+        elif token not in _INIT_FLAGS:
+            return  # --dry-run, --max-shard-size, --arg, --weights, a typo: no head start
+    if len(positional) < 2:
+        return
+    source = positional[0]
+    target = out if out is not None else source
+    if not (source.endswith(".safetensors") and target.endswith(".safetensors")
+            and os.path.isfile(source) and not os.path.isdir(target)):
+        return
+    from pathlib import Path
+
+    from paramctl.io.files import start_prefill
+
+    start_prefill(Path(source), Path(target))
 
 
 def install_signal_handlers() -> None:

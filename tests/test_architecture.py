@@ -152,7 +152,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"core", "render", "sources", "rules", "select", "patterns", "errors", "model",
             "memory", "io", "surgery", "values", "fastcli", ""},
     # The entry point and `list` without Typer (start-up time): cli's Typer-free half.
-    "fastcli": {"core", "render", "sources", "errors", "model"},
+    "fastcli": {"core", "render", "sources", "errors", "model", "io"},
     "errors": set(),
     "model": set(),
     "tensors": {"model", "errors"},

@@ -134,3 +134,56 @@ def test_listing_a_torch_file_loads_only_its_reader(samples_dir: Path) -> None:
     assert "paramctl.sources.pt" in loaded
     assert not {"paramctl.sources.safetensors", "paramctl.sources.dcp", "typer",
                 "torch"} & loaded
+
+
+# -- init: the head-start copy --------------------------------------------------------------
+def test_init_with_a_head_start_writes_what_the_typer_path_writes(
+        samples_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = samples_dir / "transformer.safetensors"
+    rule = "blocks.0.mlp.*=normal(std=0.02)"
+    fast = run_cli("init", src, rule, "--seed", "3", "-o", tmp_path / "a.safetensors")
+    typer = run_inproc(capsys, "init", src, rule, "--seed", "3", "-o",
+                       tmp_path / "b.safetensors")
+    assert (fast.returncode, fast.stdout) == (typer.returncode, typer.stdout)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+
+
+def test_init_in_place_with_a_head_start(sample: Sample, tmp_path: Path) -> None:
+    path = sample("transformer.safetensors")
+    before = path.read_bytes()
+    res = run_cli("init", path, "blocks.1.attn.*=zeros", "-q")
+    assert res.returncode == 0, res.stderr
+    after = path.read_bytes()
+    assert len(after) == len(before) and after != before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("rule", ["blocks.0.*=no_such_fn", "nothing_matches=zeros",
+                                  "blocks.0.norm1.bias=xavier_uniform"])
+def test_a_failed_init_leaves_no_head_start_behind(sample: Sample, rule: str) -> None:
+    path = sample("transformer.safetensors")
+    before = path.read_bytes()
+    res = run_cli("init", path, rule, "-o", path.parent / "out.safetensors")
+    assert res.returncode != 0
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_prefill_reads_only_plain_init_lines() -> None:
+    from paramctl.fastcli import prefill_for_init
+    from paramctl.io import files
+
+    started: list[tuple[Path, Path]] = []
+    real = files.start_prefill
+    files.start_prefill = lambda s, t: started.append((s, t))  # type: ignore[assignment]
+    try:
+        here = str(REPO / "README.md")
+        for args in (["init", "x.safetensors", "a=zeros", "--dry-run"],
+                     ["init", "x.safetensors", "a=zeros", "--max-shard-size", "1GB"],
+                     ["init", "x.pt", "a=zeros"], ["freeze", "x.safetensors", "a"],
+                     ["init", here, "a=zeros"], ["init", "missing.safetensors", "a=zeros"]):
+            prefill_for_init(args)
+        assert started == []
+    finally:
+        files.start_prefill = real  # type: ignore[assignment]

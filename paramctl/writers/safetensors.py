@@ -18,11 +18,13 @@ from paramctl.formats.safetensors import (
 )
 from paramctl.io.files import (
     FileIdentity,
+    Prefill,
     atomic_write,
     copy_range,
     copy_range_at,
     locked,
     pwrite_all,
+    take_prefill,
     write_all,
 )
 from paramctl.model import Edit, TensorRecord
@@ -59,11 +61,19 @@ def write_safetensors(out: Path, records: Sequence[TensorRecord], metadata: dict
     frozen = {r.name for r in records if r.frozen}
     meta = frozen_metadata(metadata, frozen)
     same = keep is not None and _same_layout(entries, keep)
-    if keep is not None and same and keep.metadata == meta:
+    reuse = keep is not None and same and keep.metadata == meta
+    if keep is not None and reuse:
         header = len(keep.raw).to_bytes(8, "little") + keep.raw
     else:
         # Same layout: keep the header's own entry order (only the metadata changes).
         header = encode_header(keep.tensors if keep is not None and same else entries, meta)
+    prefill = _prefilled(out, header, records, entries) if reuse else None
+    if prefill is not None:
+        try:
+            return _write_over_prefill(out, mode_from, prefill, header, records, entries,
+                                       progress)
+        except _StalePrefill:
+            pass  # the source changed under the copy: write afresh (and the lock decides)
     with atomic_write(out, mode_from=mode_from) as fh:
         fd = fh.fileno()
         write_all(fd, header)
@@ -91,6 +101,61 @@ def write_safetensors(out: Path, records: Sequence[TensorRecord], metadata: dict
                 progress(r.nbytes)
         flush()
     return out
+
+
+class _StalePrefill(Exception):
+    pass
+
+
+def _write_over_prefill(out: Path, mode_from: Path | None, prefill: Prefill, header: bytes,
+                        records: Sequence[TensorRecord], entries: Sequence[TensorEntry],
+                        progress: Progress | None) -> Path:
+    """The output is the source's bytes but for the tensors ``records`` load, and the
+    background copy of the source is under way: compute each of those (torch releases the
+    GIL while it does), and write it once the copy has gone past its place."""
+    source_fd = next(r.fd for r in records if r.load is None)
+    assert source_fd is not None
+    try:
+        with atomic_write(out, mode_from=mode_from, prefill=prefill) as fh:
+            fd = fh.fileno()
+            try:
+                for r, e in zip(records, entries, strict=True):
+                    if r.load is not None:
+                        data = record_bytes(r)
+                        at = len(header) + e.begin
+                        prefill.wait_past(at + len(data))
+                        pwrite_all(fd, data, at)
+                        del data
+                    if progress is not None:
+                        progress(r.nbytes)
+            except BaseException:
+                prefill.halt()  # before atomic_write closes the file under the copy
+                raise
+            if not prefill.finish(source_fd):
+                raise _StalePrefill
+            os.lseek(fd, prefill.size, os.SEEK_SET)
+    finally:
+        prefill.close_source()
+    return out
+
+
+def _prefilled(out: Path, header: bytes, records: Sequence[TensorRecord],
+               entries: Sequence[TensorEntry]) -> Prefill | None:
+    """The background copy of the source started for ``out`` (``init``), when the output
+    is that source byte for byte but for the tensors ``records`` load: the same header,
+    every other tensor copied from one file at its own offset, nothing after the data."""
+    copied = {r.fd for r in records if r.load is None}
+    if len(copied) != 1 or None in copied:
+        return None
+    if any(r.load is None and r.offset != len(header) + e.begin
+           for r, e in zip(records, entries, strict=True)):
+        return None
+    (fd,) = copied
+    assert fd is not None
+    end = len(header) + (entries[-1].end if entries else 0)
+    if os.fstat(fd).st_size != end:
+        return None
+    return take_prefill(out, fd)
 
 
 def _write_overlapped(fd: int, start: int, records: Sequence[TensorRecord],
