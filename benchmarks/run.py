@@ -10,17 +10,23 @@ RSS. See benchmarks/README.md.
 
 This process never imports torch: a child's ru_maxrss on Linux starts from the RSS high-water
 mark of the process that spawned it, so the parent must stay small. The reference checkpoints
-are built by a child process (`run.py --_build DIR`).
+are built by a child process (`run.py --_build DIR`). Peer tools (`safetensors-print`,
+`ckptkit`) run from their own virtualenvs, which this script creates under the cache dir.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
+import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
+import pty
+import re
 import shlex
 import shutil
 import signal
@@ -28,11 +34,13 @@ import statistics
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +48,7 @@ if TYPE_CHECKING:
     import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 CACHE_NAME = f"ref-v{CACHE_VERSION}"
 MANIFEST = "MANIFEST.json"
 SEED = 20240601
@@ -68,6 +76,24 @@ SMALL = Spec(hidden=416, intermediate=1120, layers=24, vocab=4096)
 TINY = Spec(hidden=64, intermediate=172, layers=4, vocab=512)
 
 
+@dataclass(frozen=True)
+class MoeSpec:
+    """A mixture-of-experts header: LAYERS x EXPERTS x (gate, up, down) tiny bf16 tensors."""
+
+    layers: int
+    experts: int
+    shape: tuple[int, ...]
+
+
+# 98,304 tensors: the "100,000 tensors" of DESIGN.md (a large MoE model has ~90k).
+MOE = MoeSpec(layers=64, experts=512, shape=(4, 4))
+MOE_TINY = MoeSpec(layers=2, experts=8, shape=(4, 4))
+# Every CHANGED_EVERY-th tensor of big-10pct.safetensors differs from big.safetensors.
+CHANGED_EVERY = 10
+FILES = ("big.pt", "big.safetensors", "small.pt", "small.safetensors", "big-10pct.safetensors",
+         "moe.safetensors")
+
+
 def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes in Hugging Face Llama state-dict order."""
     h, m = spec.hidden, spec.intermediate
@@ -86,6 +112,12 @@ def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
+def moe_names(spec: MoeSpec) -> list[str]:
+    return [f"model.layers.{layer}.mlp.experts.{e}.{proj}_proj.weight"
+            for layer in range(spec.layers) for e in range(spec.experts)
+            for proj in ("gate", "up", "down")]
+
+
 def random_bf16(shape: tuple[int, ...], index: int) -> torch.Tensor:
     """Deterministic random finite bf16 tensor in (-2, 2) (top exponent bit cleared)."""
     import numpy as np
@@ -99,18 +131,25 @@ def random_bf16(shape: tuple[int, ...], index: int) -> torch.Tensor:
     return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).reshape(shape)
 
 
-def write_checkpoint(spec: Spec, stem: Path) -> None:
-    """Write STEM.pt (torch.save of the state dict) and STEM.safetensors."""
+def write_checkpoint(spec: Spec, stem: Path, changed: Path | None = None) -> None:
+    """Write STEM.pt (torch.save of the state dict) and STEM.safetensors; with CHANGED, also
+    a copy of the .safetensors with every CHANGED_EVERY-th tensor holding new values."""
     import torch
     from safetensors.torch import save_file
 
     state = {name: random_bf16(shape, i) for i, (name, shape) in enumerate(tensor_shapes(spec))}
     torch.save(state, stem.with_suffix(".pt"))
     save_file(state, str(stem.with_suffix(".safetensors")), metadata={"format": "pt"})
+    if changed is not None:
+        for i, (name, shape) in enumerate(tensor_shapes(spec)):
+            if i % CHANGED_EVERY == 0:
+                state[name] = random_bf16(shape, 1_000_000 + i)
+        save_file(state, str(changed), metadata={"format": "pt"})
 
 
-def verify_checkpoint(spec: Spec, stem: Path) -> None:
-    """Both files load, hold the expected names/shapes/dtype and bit-identical data."""
+def verify_checkpoint(spec: Spec, stem: Path, changed: Path | None = None) -> None:
+    """Both files load, hold the expected names/shapes/dtype and bit-identical data; the
+    changed copy differs in exactly the tensors it should."""
     import torch
     from safetensors import safe_open
 
@@ -124,27 +163,63 @@ def verify_checkpoint(spec: Spec, stem: Path) -> None:
             for t in (pt[name], st):
                 assert tuple(t.shape) == shape and t.dtype == torch.bfloat16, name
             assert torch.equal(pt[name].view(torch.int16), st.view(torch.int16)), name
+    if changed is None:
+        return
+    with safe_open(str(changed), "pt") as f:
+        assert sorted(f.keys()) == sorted(expected), "changed copy: names differ"
+        for i, name in enumerate(expected):
+            same = torch.equal(pt[name].view(torch.int16), f.get_tensor(name).view(torch.int16))
+            assert same == (i % CHANGED_EVERY != 0), name
+
+
+def write_moe(spec: MoeSpec, path: Path) -> None:
+    """The many-tensor header: safetensors' own writer, so the header is ordered as real
+    files are (by dtype, then name)."""
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    names = moe_names(spec)
+    n = 1
+    for d in spec.shape:
+        n *= d
+    raw = np.random.PCG64([SEED, 7]).random_raw((len(names) * n + 3) // 4).view(np.uint16)
+    bits = (raw[: len(names) * n] & 0xBFFF).view(np.int16).reshape(len(names), *spec.shape)
+    data = torch.from_numpy(bits.copy()).view(torch.bfloat16)
+    save_file({name: data[i].clone() for i, name in enumerate(names)}, str(path),
+              metadata={"format": "pt"})
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == sorted(names), "moe: names differ"
 
 
 def build_main(directory: Path, quick: bool) -> int:
-    """Child-process entry point: build and verify big.* and small.* in DIRECTORY."""
+    """Child-process entry point: build and verify every reference file in DIRECTORY."""
     for label, spec in (("big", TINY if quick else BIG), ("small", TINY if quick else SMALL)):
         t0 = time.perf_counter()
-        write_checkpoint(spec, directory / label)
-        verify_checkpoint(spec, directory / label)
-        print(
-            f"  built {label}.pt/.safetensors in {time.perf_counter() - t0:.1f} s", file=sys.stderr
-        )
+        changed = directory / "big-10pct.safetensors" if label == "big" else None
+        write_checkpoint(spec, directory / label, changed)
+        verify_checkpoint(spec, directory / label, changed)
+        print(f"  built {label}.pt/.safetensors{' and big-10pct.safetensors' if changed else ''}"
+              f" in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    t0 = time.perf_counter()
+    moe = MOE_TINY if quick else MOE
+    write_moe(moe, directory / "moe.safetensors")
+    print(f"  built moe.safetensors ({len(moe_names(moe)):,} tensors) in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
 
 def manifest_for(big: Spec) -> dict[str, object]:
     small = TINY if big == TINY else SMALL  # --quick builds both at the tiny size
+    moe = MOE_TINY if big == TINY else MOE
     return {
         "version": CACHE_VERSION,
         "seed": SEED,
-        "specs": {"big": asdict(big), "small": asdict(small)},
-        "tensors": {"big": len(tensor_shapes(big)), "small": len(tensor_shapes(small))},
+        "specs": {"big": asdict(big), "small": asdict(small), "moe": asdict(moe)},
+        "changed_every": CHANGED_EVERY,
+        "tensors": {"big": len(tensor_shapes(big)), "small": len(tensor_shapes(small)),
+                    "moe": len(moe_names(moe))},
     }
 
 
@@ -154,14 +229,12 @@ def cache_is_valid(directory: Path, expected: dict[str, object]) -> bool:
     except (OSError, ValueError):
         return False
     sizes = found.pop("sizes", {})
-    if found != expected or not isinstance(sizes, dict):
+    # JSON has no tuples: compare through the same round trip.
+    if found != json.loads(json.dumps(expected)) or not isinstance(sizes, dict):
         return False
-    return (
-        all(
-            (directory / name).is_file() and (directory / name).stat().st_size == size
-            for name, size in sizes.items()
-        )
-        and len(sizes) == 4
+    return sorted(sizes) == sorted(FILES) and all(
+        (directory / name).is_file() and (directory / name).stat().st_size == size
+        for name, size in sizes.items()
     )
 
 
@@ -174,7 +247,7 @@ def remove_stale_builds(cache_dir: Path) -> None:
 
 
 def build_cache(cache_dir: Path, quick: bool) -> Path:
-    """Return a folder holding big.{pt,safetensors} and small.{pt,safetensors}.
+    """Return a folder holding the reference files (``FILES``).
 
     Built in a temp folder by a child process, verified, given a MANIFEST.json and renamed
     into place, so an interrupted build is never mistaken for a complete one.
@@ -186,8 +259,8 @@ def build_cache(cache_dir: Path, quick: bool) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_builds(cache_dir)
     free = shutil.disk_usage(cache_dir).free
-    if not quick and free < 9 * GIB:
-        sys.exit(f"error: {cache_dir} has {free / GIB:.1f} GiB free; need ~9 GiB")
+    if not quick and free < 13 * GIB:
+        sys.exit(f"error: {cache_dir} has {free / GIB:.1f} GiB free; need ~13 GiB")
     tmp = cache_dir / f".{CACHE_NAME}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -234,24 +307,66 @@ def reset_rss_high_water_mark() -> None:
         pass
 
 
+TTY_SIZE = (48, 160)  # rows, columns of the terminal a `tty` case runs on
+
+
+def _drain(master: int, sink: Path) -> None:
+    """Copy what the child writes to its terminal into SINK until the terminal closes."""
+    with open(sink, "wb") as out:
+        while True:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # EIO: every copy of the child side is closed
+                break
+            if not chunk:
+                break
+            out.write(chunk)
+
+
 def spawn(argv: Sequence[str], stdout: Path, stderr: Path, timeout: float,
-          env: dict[str, str] | None = None) -> Run:
-    """Run ARGV once (cwd = repo root); wall time and peak RSS via os.wait4."""
+          tty: bool = False, extra_env: dict[str, str] | None = None) -> Run:
+    """Run ARGV once (cwd = repo root); wall time and peak RSS via os.wait4.
+
+    With TTY, stdout is the child side of a new pseudo-terminal (TTY_SIZE), as when a person
+    runs the command; a thread copies what appears on it into STDOUT.
+    """
     reset_rss_high_water_mark()
-    with open(stdout, "wb") as out, open(stderr, "wb") as err:
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.Popen(
-                list(argv), cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                env={**CHILD_ENV, **(env or {})},
-            )
-        except OSError as exc:
-            return Run(0.0, 0, -1, f"cannot start: {exc}")
-        timer = threading.Timer(timeout, os.kill, (proc.pid, signal.SIGKILL))
-        timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t0
-        timer.cancel()
+    master = slave = -1
+    drain: threading.Thread | None = None
+    env = {**CHILD_ENV, **(extra_env or {})}
+    if tty:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *TTY_SIZE, 0, 0))
+        env = {**env, "TERM": CHILD_ENV.get("TERM", "xterm-256color")}
+        if env["TERM"] in ("", "dumb"):
+            env["TERM"] = "xterm-256color"
+        drain = threading.Thread(target=_drain, args=(master, stdout), daemon=True)
+    try:
+        with open(stdout if not tty else os.devnull, "wb") as out, open(stderr, "wb") as err:
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.Popen(
+                    list(argv), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                    stdout=slave if tty else out, stderr=err, env=env,
+                )
+            except OSError as exc:
+                return Run(0.0, 0, -1, f"cannot start: {exc}")
+            if tty:
+                os.close(slave)
+                slave = -1
+                assert drain is not None
+                drain.start()
+            timer = threading.Timer(timeout, os.kill, (proc.pid, signal.SIGKILL))
+            timer.start()
+            _, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - t0
+            timer.cancel()
+            if drain is not None:
+                drain.join(timeout=30)
+    finally:
+        for fd in (slave, master):
+            if fd >= 0:
+                os.close(fd)
     proc.returncode = code = os.waitstatus_to_exitcode(status)
     problem = f"exit code {code}" if code else ""
     if code == -signal.SIGKILL and seconds >= timeout:
@@ -263,6 +378,126 @@ def rss_floor_mib(scratch: Path) -> float:
     """Peak RSS reported for /bin/true: what a child inherits from this process."""
     run = spawn(["true"], scratch / "floor.out", scratch / "floor.err", 10)
     return run.maxrss_kib / 1024
+
+
+# --------------------------------------------------------------------------- peers
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A single-purpose tool from PyPI that a case compares paramctl with."""
+
+    command: str  # the console script the package installs
+    requirement: str  # pinned, so that ratios stay comparable from run to run
+    # ckptkit reads .pt files with torch. Its virtualenv sees the harness's site-packages
+    # through a .pth file (appended to sys.path, after its own packages), so it runs on the
+    # very torch the torch baselines use instead of installing 700 MB again.
+    share_torch: bool = False
+
+
+PEERS = {
+    "safetensors-print": Peer("safetensors-print", "safetensors-print==0.1.0"),
+    "ckptkit": Peer("ckptkit", "ckptkit[cli]==0.3.0", share_torch=True),
+}
+
+
+def _venv_site_packages(venv: Path) -> Path:
+    return Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+
+
+def _pip_install(venv: Path, requirement: str) -> subprocess.CompletedProcess[str]:
+    """``pip install`` into VENV: with this interpreter's pip (``--python``, fast: the venv
+    needs no pip of its own), else with pip bootstrapped into the venv."""
+    quiet = ["--quiet", "--disable-pip-version-check"]
+    cmd = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+           *quiet, requirement]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode == 0:
+        return done
+    boot = subprocess.run([str(venv / "bin" / "python"), "-m", "ensurepip", "--default-pip"],
+                          capture_output=True, text=True, timeout=600)
+    if boot.returncode != 0:
+        return done
+    cmd = [str(venv / "bin" / "python"), "-m", "pip", "install", *quiet, requirement]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def install_peer(peer: Peer, peers_dir: Path) -> tuple[Path | None, str]:
+    """The peer's command, installed once into its own virtualenv under PEERS_DIR, or
+    ``(None, why)`` when that fails (no network, no PyPI): the caller skips its cases."""
+    key = hashlib.sha256(f"{peer}|{sys.prefix}".encode()).hexdigest()[:10]
+    venv = peers_dir / f"{peer.command}-{key}"
+    exe = venv / "bin" / peer.command
+    try:
+        peers_dir.mkdir(parents=True, exist_ok=True)
+        with open(peers_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two harness runs must not build one venv
+            if (venv / ".installed").is_file() and exe.exists():
+                return exe, ""
+            shutil.rmtree(venv, ignore_errors=True)
+            t0 = time.perf_counter()
+            print(f"installing peer {peer.requirement} into {venv} ...", file=sys.stderr)
+            made = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
+                                  capture_output=True, text=True, timeout=300)
+            if made.returncode != 0:
+                return None, f"python -m venv failed: {made.stderr.strip()[-300:]}"
+            if peer.share_torch:
+                paths = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+                site = _venv_site_packages(venv)
+                (site / "_paramctl_bench_shared.pth").write_text("\n".join(paths) + "\n")
+            done = _pip_install(venv, peer.requirement)
+            if done.returncode != 0 or not exe.exists():
+                tail = " ".join((done.stderr or done.stdout).split())[-300:]
+                shutil.rmtree(venv, ignore_errors=True)
+                return None, f"pip install {peer.requirement} failed: {tail or 'no output'}"
+            (venv / ".installed").write_text(peer.requirement + "\n")
+            print(f"  installed in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            return exe, ""
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"cannot install {peer.requirement}: {exc}"
+
+
+LAUNCHER = """#!{python}
+# paramctl's console script, as pip writes it (pyproject.toml: [project.scripts]).
+import sys
+from paramctl.__main__ import main
+sys.exit(main())
+"""
+
+
+def paramctl_launcher(peers_dir: Path) -> tuple[list[str], str]:
+    """How paramctl runs by default: its console script in a clean virtualenv whose
+    site-packages lists this checkout and this interpreter's site-packages as plain paths.
+
+    That is what a user's (non-editable) install looks like. The development venv of an
+    editable install runs an import hook at every Python start-up, paramctl's or not (about
+    20 ms here), which no user and no peer pays. Falls back to ``python -m paramctl``.
+    """
+    key = hashlib.sha256(f"{REPO_ROOT}|{sys.prefix}|{LAUNCHER}".encode()).hexdigest()[:10]
+    venv = peers_dir / f"paramctl-{key}"
+    script = venv / "bin" / "paramctl"
+    fallback = [sys.executable, "-m", "paramctl"]
+    try:
+        peers_dir.mkdir(parents=True, exist_ok=True)
+        with open(peers_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not script.is_file():
+                shutil.rmtree(venv, ignore_errors=True)
+                made = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
+                                      capture_output=True, text=True, timeout=300)
+                if made.returncode != 0:
+                    return fallback, f"python -m venv failed: {made.stderr.strip()[-300:]}"
+                paths = [str(REPO_ROOT), *dict.fromkeys(
+                    sysconfig.get_paths()[k] for k in ("purelib", "platlib"))]
+                site = _venv_site_packages(venv)
+                (site / "_paramctl_bench_checkout.pth").write_text("\n".join(paths) + "\n")
+                tmp = script.with_suffix(".tmp")
+                tmp.write_text(LAUNCHER.format(python=venv / "bin" / "python"))
+                tmp.chmod(0o755)
+                tmp.rename(script)
+        return [str(script)], ""
+    except (OSError, subprocess.SubprocessError) as exc:
+        return fallback, f"cannot make the launcher venv: {exc}"
 
 
 # --------------------------------------------------------------------------- cases
@@ -294,6 +529,46 @@ HF_METADATA = (
 REMOTE_SHARDS = 160
 REMOTE_LATENCY = 0.05
 REMOTE_REPO = "bench/sharded"
+# What a user writes instead of `paramctl stats`: per tensor, in float32 as torch computes.
+STATS_TORCH = (
+    "import sys, torch\n"
+    "from safetensors import safe_open\n"
+    "with safe_open(sys.argv[1], 'pt') as f:\n"
+    "    for k in f.keys():\n"
+    "        t = f.get_tensor(k).float()\n"
+    "        print(k, t.min().item(), t.max().item(), t.mean().item(),\n"
+    "              t.std(correction=0).item(), t.norm().item(),\n"
+    "              int(t.isnan().sum()), int(t.isinf().sum()))\n"
+)
+# ... instead of `paramctl diff A B`: pair by name, torch.equal, then float64 metrics.
+DIFF_TORCH = (
+    "import sys, torch\n"
+    "from safetensors import safe_open\n"
+    "with safe_open(sys.argv[1], 'pt') as fa, safe_open(sys.argv[2], 'pt') as fb:\n"
+    "    ka, kb = set(fa.keys()), set(fb.keys())\n"
+    "    for k in sorted(ka | kb):\n"
+    "        if k not in kb or k not in ka:\n"
+    "            print(k, 'removed' if k in ka else 'added')\n"
+    "            continue\n"
+    "        a, b = fa.get_tensor(k), fb.get_tensor(k)\n"
+    "        if a.shape != b.shape:\n"
+    "            print(k, 'shape')\n"
+    "        elif torch.equal(a, b):\n"
+    "            print(k, 'same')\n"
+    "        else:\n"
+    "            a, b = a.double(), b.double()\n"
+    "            na, nb = a.norm().item(), b.norm().item()\n"
+    "            print(k, 'changed', (a - b).abs().max().item(), (a - b).norm().item() / na,\n"
+    "                  torch.dot(a.flatten(), b.flatten()).item() / (na * nb))\n"
+)
+# ... instead of `paramctl convert --cast float16`.
+CAST_TORCH = (
+    "import sys, torch\n"
+    "from safetensors.torch import load_file, save_file\n"
+    "sd = load_file(sys.argv[1])\n"
+    "save_file({k: v.to(torch.float16) for k, v in sd.items()}, sys.argv[2],\n"
+    "          metadata={'format': 'pt'})\n"
+)
 
 
 @dataclass(frozen=True)
@@ -308,6 +583,8 @@ class Case:
     min_lines: int = 0  # paramctl stdout must have at least this many lines
     env: dict[str, str] = field(default_factory=dict)  # added to both commands' environment
     target_seconds: float | None = None  # paramctl's median wall time must not exceed this
+    tty: bool = False  # both commands write to a terminal (a pseudo-terminal), not a file
+    skip: str = ""  # why the case cannot run here (a missing peer or module); never a failure
 
     @property
     def informational(self) -> bool:
@@ -316,10 +593,36 @@ class Case:
 
 CASE_NAMES = [
     "list pt", "list small pt", "list safetensors", "list small safetensors",
-    "freeze pt", "freeze safetensors", "init safetensors", "list 7b module", "help",
-    "list remote shards",
+    "list st vs st-print", "list pt vs ckptkit", "list 100k vs ckptkit", "table 100k tty",
+    "tree 100k tty", "freeze pt", "freeze safetensors", "freeze 100k", "init safetensors",
+    "stats", "diff", "convert cast vs torch", "convert cast vs cp", "convert rename pt",
+    "list 7b module", "help", "list remote shards",
 ]  # fmt: skip
 NO_CHECKPOINT_CASES = {"list 7b module", "help", "list remote shards"}
+# Which peer each case's baseline runs (installed only when such a case is selected).
+CASE_PEERS = {"list st vs st-print": "safetensors-print", "list pt vs ckptkit": "ckptkit",
+              "list 100k vs ckptkit": "ckptkit", "table 100k tty": "ckptkit",
+              "tree 100k tty": "ckptkit"}
+INIT_RULE = "model.layers.[0-3].mlp.*=normal(std=0.02)"  # 4 of 24 MLPs: 10 % of the bytes
+
+
+def case_key(name: str) -> str:
+    """``list-pt``, ``list_pt`` and ``"List PT"`` all name the case ``list pt``."""
+    return " ".join(re.sub(r"[-_()]", " ", name.lower()).split())
+
+
+def numeric_missing() -> str:
+    if (REPO_ROOT / "paramctl" / "numeric.py").is_file() or (
+            REPO_ROOT / "paramctl" / "numeric" / "__init__.py").is_file():
+        return ""
+    return "needs paramctl/numeric.py, which is not in this tree yet"
+
+
+def init_matched_mib(spec: Spec) -> float:
+    """Bytes INIT_RULE re-initialises (layers 0-3, mlp), in MiB."""
+    pattern = re.compile(r"model\.layers\.[0-3]\.mlp\.")
+    n = sum(2 * math.prod(shape) for name, shape in tensor_shapes(spec) if pattern.match(name))
+    return n / MIB
 
 
 def copy_command(source: str, out: Path, sync: bool) -> list[str]:
@@ -329,15 +632,22 @@ def copy_command(source: str, out: Path, sync: bool) -> list[str]:
     return ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", source, str(out)]
 
 
-def make_cases(ckpt: Path, work: Path, tensors: dict[str, int], sync: bool) -> list[Case]:
+def make_cases(ckpt: Path, work: Path, tensors: dict[str, int], sync: bool, spec: Spec,
+               peers: dict[str, tuple[Path | None, str]]) -> list[Case]:
     py = sys.executable
     big_pt, big_st = ckpt / "big.pt", ckpt / "big.safetensors"
     out_pt, out_st = work / "OUT.pt", work / "OUT.safetensors"
-    bpt, bst = str(big_pt), str(big_st)
+    bpt, bst, moe = str(big_pt), str(big_st), str(ckpt / "moe.safetensors")
+    b10 = str(ckpt / "big-10pct.safetensors")
     spt, sst = str(ckpt / "small.pt"), str(ckpt / "small.safetensors")
-    init_rule = "model.layers.[0-2].mlp.*=normal(std=0.02)"
-    nb, ns = tensors["big"], tensors["small"]
-    return [
+    nb, ns, nm = tensors["big"], tensors["small"], tensors.get("moe", 0)
+    no_numeric = numeric_missing()
+
+    def peer(name: str) -> str:
+        exe, _ = peers.get(name, (None, ""))
+        return str(exe) if exe is not None else name
+
+    cases = [
         Case("list pt", ["list", bpt, "-f", "tsv"], [py, "-c", LIST_PT, bpt],
              0.07, 80, min_lines=nb),
         Case("list small pt", ["list", spt, "-f", "tsv"], [py, "-c", LIST_PT, spt],
@@ -346,16 +656,50 @@ def make_cases(ckpt: Path, work: Path, tensors: dict[str, int], sync: bool) -> l
              0.15, 80, min_lines=nb),
         Case("list small safetensors", ["list", sst, "-f", "tsv"], [py, "-c", LIST_ST, sst],
              min_lines=ns),
+        Case("list st vs st-print", ["list", bst, "-f", "tsv"],
+             [peer("safetensors-print"), "--tensors", bst], 1.0, 80, min_lines=nb),
+        Case("list pt vs ckptkit", ["list", bpt, "-f", "tsv"], [peer("ckptkit"), "info", bpt],
+             0.06, 80, min_lines=nb),
+        Case("list 100k vs ckptkit", ["list", moe, "-f", "tsv"], [peer("ckptkit"), "info", moe],
+             1.0, None, min_lines=nm),
+        Case("table 100k tty", ["list", moe], [peer("ckptkit"), "info", moe], 3.0, None,
+             min_lines=nm, tty=True),
+        Case("tree 100k tty", ["list", moe, "--tree"], [peer("ckptkit"), "info", moe], 3.0,
+             None, min_lines=nm // 3, tty=True),
         Case("freeze pt", ["freeze", bpt, "model.layers.1*", "-o", str(out_pt)],
-             copy_command(bpt, out_pt, sync), 1.3, 150, source=big_pt, out=out_pt),
+             copy_command(bpt, out_pt, sync), 1.15, 150, source=big_pt, out=out_pt),
         Case("freeze safetensors", ["freeze", bst, "model.layers.1*", "-o", str(out_st)],
-             copy_command(bst, out_st, sync), 1.3, 150, source=big_st, out=out_st),
-        Case("init safetensors", ["init", bst, init_rule, "--seed", "1", "-o", str(out_st)],
-             copy_command(bst, out_st, sync), 2.0, 800, source=big_st, out=out_st),
+             copy_command(bst, out_st, sync), 1.15, 150, source=big_st, out=out_st),
+        Case("freeze 100k", ["freeze", moe, "model.layers.1*", "-o", str(out_st)],
+             copy_command(moe, out_st, sync), 1.15, None, source=ckpt / "moe.safetensors",
+             out=out_st),
+        Case("init safetensors", ["init", bst, INIT_RULE, "--seed", "1", "-o", str(out_st)],
+             copy_command(bst, out_st, sync), 1.6, math.ceil(init_matched_mib(spec) + 300),
+             source=big_st, out=out_st),
+        Case("stats", ["stats", bst, "-f", "tsv"], [py, "-c", STATS_TORCH, bst], 0.4, 300,
+             min_lines=nb, skip=no_numeric),
+        Case("diff", ["diff", bst, b10, "-f", "tsv"], [py, "-c", DIFF_TORCH, bst, b10], 0.5,
+             300, min_lines=nb // CHANGED_EVERY, skip=no_numeric),
+        Case("convert cast vs torch", ["convert", bst, "--cast", "float16", "-o", str(out_st)],
+             [py, "-c", CAST_TORCH, bst, str(out_st)], 0.6, 300, source=big_st, out=out_st,
+             skip=no_numeric),
+        Case("convert cast vs cp", ["convert", bst, "--cast", "float16", "-o", str(out_st)],
+             copy_command(bst, out_st, sync), 2.5, 300, source=big_st, out=out_st,
+             skip=no_numeric),
+        Case("convert rename pt", ["convert", bpt, "--rename", "model.=", "-o", str(out_pt)],
+             copy_command(bpt, out_pt, sync), 1.15, 150, source=big_pt, out=out_pt),
         Case("list 7b module", ["list", "sample_models/llama.py:llama_7b", "-f", "tsv"],
              [py, "-c", IMPORT_TORCH], 2.5, 600, min_lines=1),
         Case("help", ["--help"], [py, "-c", IMPORT_TORCH], 0.15, None, min_lines=1),
     ]  # fmt: skip
+    out = []
+    for case in cases:
+        name = CASE_PEERS.get(case.name)
+        if name is not None and peers.get(name, (None, ""))[0] is None:
+            why = peers.get(name, (None, "not installed"))[1]
+            case = replace(case, skip=f"peer {name} unavailable ({why})")
+        out.append(case)
+    return out
 
 
 # --------------------------------------------------------------------------- remote case
@@ -451,6 +795,8 @@ class Result:
     def verdict(self, quick: bool) -> str:
         if self.failure:
             return "ERROR"
+        if self.case.skip:
+            return "skip"
         if quick:
             return "ok"
         if self.case.informational:
@@ -473,12 +819,14 @@ def run_case(
 ) -> Result:
     """Warm-up once each, then REPEAT alternating (paramctl, baseline) pairs."""
     result = Result(case)
+    if case.skip:
+        return result
     stdout, stderr = work / "stdout", work / "stderr"
     commands = (paramctl + case.paramctl, case.baseline)
     for i in range(repeat + (1 if warmup else 0)):
         pair: list[Run] = []
         for j, argv in enumerate(commands):
-            run = spawn(argv, stdout, stderr, timeout, case.env)
+            run = spawn(argv, stdout, stderr, timeout, tty=case.tty, extra_env=case.env)
             run = check_run(case, run, stdout, is_paramctl=j == 0)
             if case.out is not None:
                 case.out.unlink(missing_ok=True)
@@ -525,7 +873,7 @@ def machine_info(paramctl: list[str], floor_mib: float) -> str:
     )
 
 
-COLUMNS = [("case", 22), ("paramctl s", 10), ("baseline s", 10), ("ratio", 9), ("target", 7),
+COLUMNS = [("case", 23), ("paramctl s", 10), ("baseline s", 10), ("ratio", 9), ("target", 7),
            ("peak MiB", 9), ("target", 7), ("result", 6)]  # fmt: skip
 
 
@@ -608,7 +956,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(default $PARAMCTL_BENCH_DIR or ~/.cache/paramctl-bench)",
     )
     parser.add_argument(
-        "--paramctl", default=None, help="command that runs paramctl (default: python -m paramctl)"
+        "--paramctl", default=None, help="command that runs paramctl (default: its console "
+        "script in a clean virtualenv that sees this checkout; see paramctl_launcher)"
     )
     parser.add_argument(
         "--only",
@@ -633,10 +982,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--_build", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.only = [" ".join(o.replace("-", " ").replace("_", " ").split()) for o in args.only]
-    unknown = sorted(set(args.only) - set(CASE_NAMES))
+    known = {case_key(name): name for name in CASE_NAMES}
+    unknown = sorted(o for o in args.only if case_key(o) not in known)
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {CASE_NAMES}")
+    args.only = [known[case_key(o)] for o in args.only]
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be >= 1")
     return args
@@ -647,25 +997,37 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "paramctl-bench"
 
 
-def run_all(args: argparse.Namespace, cache_dir: Path) -> int:
-    paramctl = shlex.split(args.paramctl) if args.paramctl else [sys.executable, "-m", "paramctl"]
+def run_all(args: argparse.Namespace, cache_dir: Path, peers_dir: Path) -> int:
+    launcher_note = ""
+    if args.paramctl:
+        paramctl = shlex.split(args.paramctl)
+    else:
+        paramctl, launcher_note = paramctl_launcher(peers_dir)
     repeat = args.repeat or (1 if args.quick else 5)
     work = Path(tempfile.mkdtemp(prefix=f"work-{os.getpid()}-", dir=cache_dir))
     server: object | None = None
     try:
         names = args.only or CASE_NAMES
-        ckpt, tensors = work, {"big": 0, "small": 0}
+        ckpt, tensors = work, {"big": 0, "small": 0, "moe": 0}
         if not set(names) <= NO_CHECKPOINT_CASES:
             ckpt = build_cache(cache_dir, args.quick)
             tensors = json.loads((ckpt / MANIFEST).read_text())["tensors"]
             warm_page_cache(sorted(p for p in ckpt.iterdir() if p.name != MANIFEST))
-        cases = [c for c in make_cases(ckpt, work, tensors, args.sync_baseline) if c.name in names]
+        wanted = {CASE_PEERS[n] for n in names if n in CASE_PEERS}
+        peers = {name: install_peer(PEERS[name], peers_dir) for name in sorted(wanted)}
+        spec = TINY if args.quick else BIG
+        cases = [c for c in make_cases(ckpt, work, tensors, args.sync_baseline, spec, peers)
+                 if c.name in names]
         if "list remote shards" in names:
             server, remote_case = start_remote_server(work)
             cases.append(remote_case)
         print(machine_info(paramctl, rss_floor_mib(work)))
         if args.quick:
             print(f"# {QUICK_NOTE}")
+        if launcher_note:
+            print(f"# paramctl launcher unavailable ({launcher_note}); using python -m paramctl")
+        for name, (exe, why) in peers.items():
+            print(f"# peer {name}: {exe}" if exe else f"# peer {name}: UNAVAILABLE, {why}")
         results = []
         for case in cases:
             print(f"running {case.name} ...", file=sys.stderr, flush=True)
@@ -681,6 +1043,9 @@ def run_all(args: argparse.Namespace, cache_dir: Path) -> int:
 
 
 def report_failures(results: list[Result], quick: bool) -> int:
+    for r in results:
+        if r.case.skip:
+            print(f"skipped {r.case.name}: {r.case.skip}")
     failed = [r for r in results if r.failure]
     for r in failed:
         print(f"\nERROR in {r.case.name}:\n{r.failure}")
@@ -696,12 +1061,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args._build is not None:
         return build_main(args._build, args.quick)
+    cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
+    # Peers are tools, not data: kept in the cache dir even by --quick (a few MiB).
+    peers_dir = cache_dir / "peers"
     if args.quick:
         with tempfile.TemporaryDirectory(prefix="paramctl-bench-") as tmp:
-            return run_all(args, Path(tmp))
-    cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
+            return run_all(args, Path(tmp), peers_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    return run_all(args, cache_dir)
+    return run_all(args, cache_dir, peers_dir)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING
 from paramctl.errors import NoMatchError, OperationError, SourceError, UsageError
 from paramctl.io.reader import is_remote
 from paramctl.model import FLOAT_DTYPES, Change, ChangeResult, Edit, Inventory
-from paramctl.patterns import select, swapped_arguments_hint
-from paramctl.rules import CONVERT_KINDS, InitRule, Step, check_applies, run_init
 from paramctl.sources.base import OpenOptions
 from paramctl.view import Prefixes, View, open_view
 
@@ -23,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from paramctl.memory import MemEstimate
+    from paramctl.rules import InitRule, Step
 
 __all__ = ["Change", "ChangeResult", "View", "change", "check_writable", "inspect", "mem",
            "open_view"]
@@ -34,6 +33,8 @@ def _open(spec: str, options: OpenOptions | None, prefix: Prefixes,
     try:
         return open_view(spec, options, prefix=prefix)
     except SourceError as exc:
+        from paramctl.patterns import swapped_arguments_hint
+
         hint = swapped_arguments_hint(spec, others, command=command)
         if hint is None:
             raise
@@ -48,13 +49,18 @@ def inspect(spec: str, patterns: Sequence[str] = (), *, excludes: Sequence[str] 
     >>> inv = inspect("sample_models/mlp.py:MLP", ["*.bias"])  # doctest: +SKIP
     """
     view = _open(spec, options, prefix, [*patterns, *excludes], "list")
-    chosen = set(select(view.names, patterns, excludes, allow_empty=allow_empty,
-                        default_all=True))
-    # --frozen lists what is recorded frozen: floating-point tensors that do not train.
-    # Integer tensors (num_batches_tracked) are never trainable and never "frozen".
-    params = [p for p in view.params if p.name in chosen
-              and (trainable is None or (p.requires_grad == trainable and not p.buffer
-                                         and p.dtype in FLOAT_DTYPES))]
+    params = view.params
+    if patterns or excludes:
+        from paramctl.patterns import select
+
+        chosen = set(select(view.names, patterns, excludes, allow_empty=allow_empty,
+                            default_all=True))
+        params = [p for p in params if p.name in chosen]
+    if trainable is not None:
+        # --frozen lists what is recorded frozen: floating-point tensors that do not train.
+        # Integer tensors (num_batches_tracked) are never trainable and never "frozen".
+        params = [p for p in params if p.requires_grad == trainable and not p.buffer
+                  and p.dtype in FLOAT_DTYPES]
     # Optional: what a source says about itself beyond its tensors (a PEFT adapter's config).
     describe = getattr(view.source, "extra", None)
     # And GGUF's general.* metadata.
@@ -107,6 +113,8 @@ def _select_for(step: Step, names: list[str], patterns: Sequence[str], *,
                 exact: Sequence[str] = (), allow_empty: bool) -> list[str]:
     """:func:`select` for one step; a pattern that matches nothing names the step's place
     in its rules file (``rules.toml: rule 2: pattern 'x' matched no parameter ...``)."""
+    from paramctl.patterns import select
+
     try:
         return select(names, patterns, step.excludes, exact=exact, allow_empty=allow_empty,
                       default_all=False)
@@ -119,6 +127,8 @@ def _select_for(step: Step, names: list[str], patterns: Sequence[str], *,
 def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
          ) -> tuple[list[Change], list[str], list[str], dict[str, InitRule]]:
     """Evaluate ``steps`` in order on the current flags; the last step wins per name."""
+    from paramctl.rules import check_applies
+
     info = {p.name: p for p in view.params}
     flags = {p.name: p.requires_grad for p in view.params}
     inits: dict[str, tuple[InitRule, str | None]] = {}
@@ -169,6 +179,7 @@ def plan(view: View, steps: Sequence[Step], *, allow_empty: bool = False
 def make_init_fn(rules: dict[str, InitRule], seed: int | None
                  ) -> Callable[[str, torch.Tensor], None]:
     """The callback writers invoke per stored tensor to re-initialise it in place."""
+    from paramctl.rules import run_init
 
     def init_fn(stored_name: str, tensor: torch.Tensor) -> None:
         run_init(rules[stored_name], stored_name, tensor, seed)
@@ -194,6 +205,8 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
     called with ``(bytes just written, bytes in all)`` while saving. ``force`` and ``wait``
     are :func:`paramctl.writers.write`'s (rewrite a read-only file; wait for a lock).
     """
+    from paramctl.rules import CONVERT_KINDS  # `list` (inspect) never needs the rules
+
     if not steps:
         raise UsageError("nothing to do: give at least one pattern or rule")
     check_writable(spec, dry_run)

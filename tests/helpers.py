@@ -79,7 +79,11 @@ def list_json_in_fresh_python(target: Path) -> subprocess.CompletedProcess[str]:
     """``paramctl list TARGET -f json`` in a new interpreter that then reports on stderr
     ``RESULT <exit code> <torch modules imported>`` (``RESULT 0 []`` when torch-free)."""
     script = (
-        "import sys, runpy\n"
+        "import os, sys, runpy\n"
+        # `list` leaves with os._exit (no interpreter teardown); the probe has more to do.
+        "def _exit(code):\n"
+        "    raise SystemExit(code)\n"
+        "os._exit = _exit\n"
         f"sys.argv = ['paramctl', 'list', {str(target)!r}, '-f', 'json']\n"
         "try:\n"
         "    runpy.run_module('paramctl', run_name='__main__')\n"

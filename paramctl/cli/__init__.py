@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import io
 import os
-import signal
 import sys
 from typing import Annotated
 
@@ -27,6 +26,7 @@ from paramctl.cli.list_cmd import list_command
 from paramctl.cli.mem_cmd import EXAMPLES as MEM_EXAMPLES
 from paramctl.cli.mem_cmd import mem_command
 from paramctl.cli.values_cmd import DIFF_EXAMPLES, STATS_EXAMPLES, diff_command, stats_command
+from paramctl.fastcli import install_signal_handlers, internal_error_line
 
 __all__ = ["app", "main"]
 
@@ -112,13 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or bool(os.environ.get("PARAMCTL_DEBUG"))
     if sys.stdout is None:
         sys.stdout = _ClosedStdout()
-    # A size limit must surface as an error and a clean-up, not kill the process.
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    # Piped into `head`: die quietly of SIGPIPE like other Unix tools. Rewrites finish
-    # (atomically) before anything is printed, and their report ignores SIGPIPE (a saved file
-    # is exit 0 whatever became of stdout: cli.common.result_output).
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    install_signal_handlers()
     command = typer.main.get_command(app)
     if not args and not os.environ.get("_PARAMCTL_COMPLETE"):
         assert isinstance(command, typer.core.TyperGroup)
@@ -145,8 +139,6 @@ def main(argv: list[str] | None = None) -> None:
         elif debug:
             raise
         else:
-            sys.stderr.write(f"error: internal error: {type(exc).__name__}: "
-                             f"{one_line(str(exc))} (run again with --debug for the "
-                             "traceback, and please report it)\n")
+            sys.stderr.write(internal_error_line(exc))
             code = 1
     sys.exit(code if isinstance(code, int) else 0)

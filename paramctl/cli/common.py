@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from paramctl.errors import ParamctlError, ParamctlWarning, UsageError
+from paramctl.fastcli import OutputError, one_line, output_format, result_output, warn
+
+__all__ = ["OutputError", "handle_errors", "one_line", "options", "output_format",
+           "parse_size", "progress_for", "read_names", "report_change", "result_output",
+           "warn"]
 
 if TYPE_CHECKING:
     from paramctl.model import ChangeResult
@@ -97,18 +101,6 @@ def parse_size(text: str | None) -> int | None:
     return int(value * _UNITS[unit])
 
 
-def warn(message: str) -> None:
-    sys.stderr.write(f"warning: {one_line(message)}\n")
-
-
-def output_format(fmt: str | None, allowed: tuple[str, ...]) -> str:
-    if fmt is None:
-        return "table" if sys.stdout.isatty() else "tsv"
-    if fmt not in allowed:
-        raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(allowed)}")
-    return fmt
-
-
 def read_names(source: str | None) -> list[str]:
     """Names one per line from a file or ``-`` (stdin); blank lines and ``#`` skipped.
 
@@ -129,14 +121,6 @@ def read_names(source: str | None) -> list[str]:
         if line and not line.startswith("#"):
             names.append(unescape_field(line.split("\t", 1)[0]))
     return names
-
-
-def one_line(text: str) -> str:
-    """Escape newlines and other control characters (names come from untrusted files)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
 
 
 @contextlib.contextmanager
@@ -164,54 +148,6 @@ def handle_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
                 raise
             sys.stderr.write(f"error: {one_line(str(exc))}\n")
             raise typer.Exit(exc.exit_code) from None
-
-
-class OutputError(ParamctlError):
-    """Standard output cannot take the result (closed, full, or a broken pipe)."""
-
-
-def _why(exc: OSError) -> str:
-    if exc.errno == errno.EBADF:
-        return "standard output is closed"
-    if exc.errno == errno.ENOSPC:
-        return "no space left on the device standard output writes to"
-    if exc.errno == errno.EPIPE:
-        return "standard output was closed by the reader"
-    return f"cannot write to standard output: {exc.strerror or exc}"
-
-
-def _silence_stdout() -> None:
-    """Point fd 1 at /dev/null so the interpreter's final flush of what is still buffered
-    neither fails nor prints a second error."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, sys.stdout.fileno())
-        os.close(null)
-
-
-@contextlib.contextmanager
-def result_output(written: Path | None = None) -> Iterator[TextIO]:
-    """Standard output for a command's result.
-
-    Before anything is committed (``written`` is ``None``: a listing, a dry run), an
-    unwritable stdout is an error (exit 1, one line). After a committed write, a closed,
-    full or broken stdout is only a warning: the file is saved, and the exit code says so
-    (0). A ``list`` into ``head`` still dies of SIGPIPE (141), as Unix tools do.
-    """
-    if written is not None:
-        import signal
-
-        # The report of a finished write must not turn a saved file into exit 141.
-        with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    try:
-        yield sys.stdout
-        sys.stdout.flush()
-    except OSError as exc:
-        _silence_stdout()
-        if written is None:
-            raise OutputError(f"cannot print the result: {_why(exc)}") from None
-        warn(f"could not print the report ({_why(exc)}); {written} was written")
 
 
 def report_change(result: ChangeResult, fmt: str, *, dry_run: bool, headers: bool | None,

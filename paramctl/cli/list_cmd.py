@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -20,12 +19,9 @@ from paramctl.cli.common import (
     UnsafeOpt,
     WeightsOpt,
     handle_errors,
-    one_line,
     options,
-    output_format,
-    result_output,
 )
-from paramctl.errors import UsageError
+from paramctl.fastcli import run_list
 
 EXAMPLES = """
 Examples:
@@ -92,41 +88,13 @@ def list_command(
     debug: DebugOpt = False,
 ) -> None:
     """Show a model's or checkpoint's parameters: shapes, dtypes, sizes, requires_grad."""
-    from paramctl.core import inspect
-    from paramctl.render import LIST_FORMATS, PICTURE_FORMATS, render_inventory, render_tree
-    from paramctl.render.common import trainable_summary
 
     with handle_errors(debug, quiet):
-        if trainable and frozen:
-            raise UsageError("--trainable and --frozen exclude each other")
-        if depth is not None and not tree:
-            raise UsageError("--depth applies to --tree")
-        if summary and (tree or fmt is not None):
-            raise UsageError("--summary prints one line of its own; drop --tree and -f")
-        kind = output_format(fmt, LIST_FORMATS)
-        if kind in PICTURE_FORMATS and (tree or depth is not None):
-            raise UsageError(f"-f {kind} always draws the module tree; drop "
-                             f"{'--tree' if tree else '--depth'}")
-        inv = inspect(source, patterns or [], excludes=exclude or [],
-                      options=options(key, arg, Path(weights) if weights else None,
-                                      unsafe_load, buffers, quiet=quiet),
-                      prefix=strip_prefix, trainable=True if trainable else False if frozen
-                      else None, allow_empty=allow_empty)
-        show_headers = headers if headers is not None else kind != "tsv"
-        if not (fail_if_any and quiet):
-            with result_output() as out:
-                if summary:
-                    out.write(trainable_summary(inv.params) + "\n")
-                elif tree:
-                    render_tree(inv, kind, out, depth=depth, headers=show_headers, width=width)
-                else:
-                    render_inventory(inv, kind, out, headers=show_headers, width=width)
-        if fail_if_any and inv.params:
-            if not quiet:
-                n = len(inv.params)
-                first = ", ".join(p.name for p in inv.params[:3])
-                more = f" (+{n - 3} more)" if n > 3 else ""
-                sys.stderr.write(one_line(f"check failed (--fail-if-any): {n} tensor"
-                                          f"{'s' if n != 1 else ''} selected: {first}{more}")
-                                 + "\n")
-            raise typer.Exit(4)
+        code = run_list(source, patterns or [], trainable=trainable, frozen=frozen, tree=tree,
+                        depth=depth, fmt=fmt, headers=headers, exclude=exclude or [],
+                        allow_empty=allow_empty, strip_prefix=strip_prefix, width=width,
+                        summary=summary, fail_if_any=fail_if_any, quiet=quiet,
+                        options=lambda: options(key, arg, Path(weights) if weights else None,
+                                                unsafe_load, buffers, quiet=quiet))
+        if code:
+            raise typer.Exit(code)

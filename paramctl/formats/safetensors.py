@@ -11,7 +11,10 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from itertools import chain, repeat
+from json.encoder import encode_basestring
+from operator import itemgetter, le, lt, mul, sub
+from typing import Any, NamedTuple, TypeGuard
 
 from paramctl.errors import CorruptFileError
 from paramctl.formats import FROZEN_KEY
@@ -55,8 +58,10 @@ DTYPES: dict[str, str] = {
 CODES = {v: k for k, v in DTYPES.items()}
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
+    """One tensor of the header. A named tuple, not a dataclass: a header can hold 100,000
+    of them, and a tuple is built in C (see ``_bulk_entries``)."""
+
     name: str
     dtype: str  # torch name
     shape: tuple[int, ...]
@@ -93,22 +98,64 @@ class Header:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise CorruptFileError(f"duplicate entry {key!r} in the header")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise CorruptFileError(f"duplicate entry {key!r} in the header")
+            seen.add(key)
     return out
+
+
+def _lost_no_key(raw: bytes, doc: Any) -> bool:
+    """True when ``doc``, parsed from ``raw`` by a plain ``json.loads`` (which keeps the last
+    of two equal keys), provably lost no duplicate key.
+
+    Outside strings, valid JSON has a colon after each key and nowhere else. So ``raw``
+    holds at least as many colons as keys, and when the parsed objects hold as many keys as
+    ``raw`` holds colons, none was lost (colons inside strings, or objects nested deeper
+    than a header's two levels, which are not counted, only send a header to the exact
+    parse). Counting one byte is about free; the exact parse, an ``object_pairs_hook``
+    call per object, doubles the time a header of 100,000 entries takes.
+    """
+    if not isinstance(doc, dict):
+        return False
+    keys = len(doc) + sum(len(v) for v in doc.values() if type(v) is dict)
+    return raw.count(b":") == keys
+
+
+def _parse(raw: bytes, path: str) -> Any:
+    """The header as JSON; a duplicate key anywhere is an error."""
+    try:
+        text = raw.decode("utf-8")
+        doc = json.loads(text)
+        if _lost_no_key(raw, doc):
+            return doc
+        # The exact parse: it names the duplicate key (or, for invalid JSON, fails alike).
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except CorruptFileError as exc:
+        raise CorruptFileError(f"{path}: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError, MemoryError):
+        pass
+    try:  # a duplicate key before a syntax error is reported as the duplicate
+        json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except CorruptFileError as exc:
+        raise CorruptFileError(f"{path}: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError, MemoryError):
+        pass
+    raise CorruptFileError(f"{path}: header is not valid JSON (not a safetensors file?)")
 
 
 _INT64_MAX = (1 << 63) - 1
 _MAX_DIMS = 1024
+_INT = {int}
 
 
 def _int_list(value: Any) -> TypeGuard[list[int]]:
-    return isinstance(value, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _INT64_MAX for v in value
-    )
+    """A list of int64-sized non-negative ints (JSON's true and false are not ints)."""
+    return type(value) is list and (not value or (
+        set(map(type, value)) == _INT and min(value) >= 0 and max(value) <= _INT64_MAX))
 
 
 def _too_many_elements(shape: list[int]) -> bool:
@@ -137,13 +184,7 @@ def read_header(reader: ByteReader) -> Header:
     raw = reader.pread(n, 8)
     if len(raw) != n:
         raise CorruptFileError(f"{path}: truncated header")
-    try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except CorruptFileError as exc:
-        raise CorruptFileError(f"{path}: {exc}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError, MemoryError):
-        raise CorruptFileError(f"{path}: header is not valid JSON "
-                               "(not a safetensors file?)") from None
+    doc = _parse(raw, path)
     if not isinstance(doc, dict):
         raise CorruptFileError(f"{path}: header is not a JSON object")
     meta = doc.pop("__metadata__", None)
@@ -153,42 +194,120 @@ def read_header(reader: ByteReader) -> Header:
         raise CorruptFileError(f"{path}: __metadata__ must map strings to strings")
     data_start = 8 + n
     data_size = file_size - data_start
+    entries = _bulk_entries(doc, data_size)
+    if entries is None:  # something is wrong: find the first bad entry and say what
+        entries = _checked_entries(doc, data_size, path)
+    by_offset = sorted(entries, key=_SPAN)
+    begins, ends = list(map(_BEGIN, by_offset)), list(map(_END, by_offset))
+    if any(map(lt, begins[1:], ends)):
+        for prev, cur in itertools.pairwise(by_offset):
+            if cur.begin < prev.end:
+                raise CorruptFileError(f"{path}: tensors {prev.name!r} and {cur.name!r} "
+                                       "overlap")
+    return Header(entries, meta, data_start, data_size, raw)
+
+
+_SPAN, _BEGIN, _END = itemgetter(3, 4), itemgetter(3), itemgetter(4)
+_CODE_SET = frozenset(DTYPES)
+_ITEM_SIZES = {code: DTYPE_SIZES[name] for code, name in DTYPES.items()}
+_LIST, _DICT = {list}, {dict}
+
+
+def _bulk_entries(doc: dict[str, Any], data_size: int) -> list[TensorEntry] | None:
+    """The entries of a well-formed header, checked a whole column at a time by C-level
+    built-ins (a header can hold 100,000 entries); ``None`` when any check fails."""
+    infos = list(doc.values())
+    if not infos:
+        return []
+    if set(map(type, infos)) != _DICT:
+        return None
+    get = dict.get
+    codes: list[Any] = list(map(get, infos, repeat("dtype")))
+    shapes: list[Any] = list(map(get, infos, repeat("shape")))
+    offsets: list[Any] = list(map(get, infos, repeat("data_offsets")))
+    try:
+        if not set(codes) <= _CODE_SET:
+            return None
+    except TypeError:  # an unhashable dtype
+        return None
+    if set(map(type, shapes)) != _LIST or set(map(type, offsets)) != _LIST:
+        return None
+    if set(map(len, offsets)) != {2} or max(map(len, shapes)) > _MAX_DIMS:
+        return None
+    for column in (chain.from_iterable(shapes), chain.from_iterable(offsets)):
+        values = list(column)
+        if values and (set(map(type, values)) != _INT or min(values) < 0
+                       or max(values) > _INT64_MAX):
+            return None
+    numels = list(map(math.prod, shapes))
+    if max(numels) > _INT64_MAX or 0 in numels:  # a zero dimension: check the exact way
+        return None
+    begins = list(map(itemgetter(0), offsets))
+    ends = list(map(itemgetter(1), offsets))
+    if max(ends) > data_size or not all(map(le, begins, ends)):
+        return None
+    wanted = map(mul, numels, map(_ITEM_SIZES.__getitem__, codes))
+    if list(map(sub, ends, begins)) != list(wanted):
+        return None
+    dtypes = map(DTYPES.__getitem__, codes)
+    rows = zip(doc, dtypes, map(tuple, shapes), begins, ends, strict=True)
+    return list(map(tuple.__new__, repeat(TensorEntry), rows))
+
+
+def _checked_entries(doc: dict[str, Any], data_size: int, path: str) -> list[TensorEntry]:
+    """The entries, checked one by one: raises on the first bad one."""
     entries: list[TensorEntry] = []
     for name, info in doc.items():
-        if not isinstance(info, dict):
+        if type(info) is not dict:
             raise CorruptFileError(f"{path}: entry {name!r} is not an object")
         code = info.get("dtype")
-        if not isinstance(code, str) or code not in DTYPES:
+        if type(code) is not str or code not in DTYPES:
             raise CorruptFileError(f"{path}: tensor {name!r} has unknown dtype {code!r:.40}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2:
             raise CorruptFileError(f"{path}: tensor {name!r} has a malformed shape or offsets")
-        if len(shape) > _MAX_DIMS or _too_many_elements(shape):
+        numel = math.prod(shape)
+        # With no zero dimension the running product only grows, so the whole product
+        # tells whether some prefix of it overflows.
+        if len(shape) > _MAX_DIMS or numel > _INT64_MAX or (
+                numel == 0 and _too_many_elements(shape)):
             raise CorruptFileError(f"{path}: tensor {name!r} has an impossible shape")
-        entry = TensorEntry(name, DTYPES[code], tuple(shape), offsets[0], offsets[1])
-        if entry.begin > entry.end or entry.end > data_size:
+        begin, end = offsets
+        if begin > end or end > data_size:
             raise CorruptFileError(f"{path}: tensor {name!r} lies outside the data section")
-        if entry.end - entry.begin != entry.numel * DTYPE_SIZES[entry.dtype]:
-            raise CorruptFileError(f"{path}: tensor {name!r} has {entry.end - entry.begin} "
+        dtype = DTYPES[code]
+        if end - begin != numel * DTYPE_SIZES[dtype]:
+            raise CorruptFileError(f"{path}: tensor {name!r} has {end - begin} "
                                    f"bytes but its shape and dtype need "
-                                   f"{entry.numel * DTYPE_SIZES[entry.dtype]}")
-        entries.append(entry)
-    by_offset = sorted(entries, key=lambda e: (e.begin, e.end))
-    for prev, cur in itertools.pairwise(by_offset):
-        if cur.begin < prev.end:
-            raise CorruptFileError(f"{path}: tensors {prev.name!r} and {cur.name!r} overlap")
-    return Header(entries, meta, data_start, data_size, raw)
+                                   f"{numel * DTYPE_SIZES[dtype]}")
+        entries.append(TensorEntry(name, dtype, tuple(shape), begin, end))
+    return entries
 
 
 def encode_header(tensors: list[TensorEntry], metadata: dict[str, str]) -> bytes:
-    """Serialise a header (with its 8-byte length), space-padded to a multiple of 8."""
-    doc: dict[str, Any] = {}
-    if metadata:
-        doc["__metadata__"] = metadata
-    for e in tensors:
-        doc[e.name] = {"dtype": CODES[e.dtype], "shape": list(e.shape),
-                       "data_offsets": [e.begin, e.end]}
-    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Serialise a header (with its 8-byte length), space-padded to a multiple of 8.
+
+    The text is ``json.dumps`` of ``{"__metadata__": ..., name: {"dtype", "shape",
+    "data_offsets"}, ...}`` with ``separators=(",", ":")`` and ``ensure_ascii=False``,
+    written entry by entry (names through json's own string encoder) rather than built as
+    100,000 small dicts for ``json.dumps``.
+    """
+    names = [e.name for e in tensors]
+    if "__metadata__" in names or len(set(names)) != len(names):
+        doc: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+        for e in tensors:  # what json.dumps does with such a dict (a later key wins)
+            doc[e.name] = {"dtype": CODES[e.dtype], "shape": list(e.shape),
+                           "data_offsets": [e.begin, e.end]}
+        text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    else:
+        parts = [f'"__metadata__":{json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)}'
+                 ] if metadata else []
+        quote, codes = encode_basestring, CODES
+        parts += [f'{quote(e.name)}:{{"dtype":"{codes[e.dtype]}","shape":['
+                  f'{",".join(map(str, e.shape))}],"data_offsets":[{e.begin},{e.end}]}}'
+                  for e in tensors]
+        text = "{" + ",".join(parts) + "}"
+    body = text.encode("utf-8")
     body += b" " * ((-len(body)) % 8)
     return struct.pack("<Q", len(body)) + body
 

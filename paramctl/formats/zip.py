@@ -9,6 +9,7 @@ it). :func:`write_zip` keeps that layout, copies unchanged records with
 from __future__ import annotations
 
 import itertools
+import os
 import struct
 import zipfile
 import zlib
@@ -181,11 +182,18 @@ def write_zip(
     """Write ``records`` in order to ``out_fd``, copying each from ``src_fd`` unless
     ``replacements`` has new content for it (given directly or produced on demand, so that
     at most one replaced record is in memory at a time)."""
-    cursor = 0
+    cursor = 0  # where the next byte goes, counting source bytes still to be copied
     central: list[bytes] = []
+    pending: list[int] = []  # [source offset, length]: source bytes that go out as they are
+
+    def flush() -> None:
+        if pending:
+            copy_range(src_fd, out_fd, pending[0], pending[1], progress)
+            pending.clear()
 
     def emit(data: bytes | bytearray | memoryview) -> None:
         nonlocal cursor
+        flush()
         cursor += write_all(out_fd, data)
 
     for rec in records:
@@ -198,16 +206,31 @@ def write_zip(
         else:
             size, crc = rec.size, rec.crc
         header_offset = cursor
-        emit(_local_header(name, size, crc, cursor, rec.date_time, align))
+        header = _local_header(name, size, crc, cursor, rec.date_time, align)
+        central.append(_central_entry(name, size, crc, header_offset, rec.date_time))
+        start = rec.offset - len(header)
+        if new is None and start >= 0 and os.pread(src_fd, len(header), start) == header:
+            # The source holds these very bytes (same header, same padding: everything
+            # after a resized record moved by a multiple of the alignment): copy header
+            # and data with the neighbouring records in one in-kernel copy.
+            if pending and pending[0] + pending[1] == start:
+                pending[1] += len(header) + size
+            else:
+                flush()
+                pending.extend((start, len(header) + size))
+            cursor += len(header) + size
+            continue
+        emit(header)
         if new is not None:
             emit(new.data)
             if progress is not None:
                 progress(size)
             del new
         else:
+            flush()
             copy_range(src_fd, out_fd, rec.offset, rec.size, progress)
             cursor += rec.size
-        central.append(_central_entry(name, size, crc, header_offset, rec.date_time))
+    flush()
 
     cd_offset = cursor
     for entry in central:

@@ -16,7 +16,6 @@ import fcntl
 import itertools
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,15 +26,21 @@ from paramctl.errors import WriteError
 __all__ = [
     "TEMP_MARK",
     "FdPool",
+    "Prefill",
     "atomic_write",
     "check_rewritable",
     "copy_range",
+    "copy_range_at",
+    "discard_prefill",
     "file_identity",
     "in_hf_cache",
     "lock_wait",
     "locked",
+    "pwrite_all",
     "read_exact",
     "resolve_target",
+    "start_prefill",
+    "take_prefill",
     "write_all",
 ]
 
@@ -70,10 +75,12 @@ def _temp_prefix(target: Path) -> str:
     return f".{target.name}{TEMP_MARK}"
 
 
-def _remove_stale_temps(target: Path) -> None:
+def _remove_stale_temps(target: Path, keep: Path | None = None) -> None:
     prefix = _temp_prefix(target)
     with contextlib.suppress(OSError):
         for entry in os.scandir(target.parent):
+            if keep is not None and entry.name == keep.name:
+                continue
             if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
@@ -268,21 +275,32 @@ def _unblock(blocked: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(target: Path, *, mode_from: Path | None = None) -> Iterator[BinaryIO]:
+def atomic_write(target: Path, *, mode_from: Path | None = None,
+                 prefill: Prefill | None = None) -> Iterator[BinaryIO]:
     """Yield an unbuffered binary file that replaces ``target`` when the block succeeds.
 
     The file mode comes from ``mode_from`` (default: the existing target), else the
     usual ``0o666 & ~umask``. On any exception the temporary file is removed and the
     target is untouched; :class:`OSError` becomes a one-line :class:`WriteError`.
+    With ``prefill`` (from :func:`take_prefill`), the file yielded is its finished copy,
+    positioned at its end, for the caller to overwrite what differs.
     """
     target = resolve_target(target)
     folder = target.parent
-    _remove_stale_temps(target)
+    if prefill is None:
+        discard_prefill(target)  # its temporary file is about to count as stale
+    _remove_stale_temps(target, keep=prefill.tmp if prefill is not None else None)
     # Ctrl-C between creating the temporary file and guarding it would leave it behind:
     # hold SIGINT until the clean-up below is in place.
     blocked = _block_sigint()
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=folder)
+        import tempfile  # only writes need it (and its imports cost `list` start-up)
+
+        if prefill is not None:
+            fd, tmp_name = prefill.fd, str(prefill.tmp)
+        else:
+            fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp",
+                                            dir=folder)
     except OSError as exc:
         _unblock(blocked)
         raise WriteError(f"cannot write to {folder}: {_explain(exc)}") from None
@@ -395,6 +413,190 @@ def copy_range(src: int, dst: int, offset: int, length: int,
             _write_behind(dst, os.lseek(dst, 0, os.SEEK_CUR))
         if progress is not None:
             progress(n)
+
+
+def copy_range_at(src: int, dst: int, offset: int, length: int, dst_offset: int,
+                  progress: Progress | None = None,
+                  stop: Callable[[], bool] | None = None) -> None:
+    """Copy ``length`` bytes at ``offset`` of fd ``src`` to ``dst_offset`` of fd ``dst``,
+    leaving both file positions alone (so that another thread may write elsewhere in
+    ``dst``). In-kernel like :func:`copy_range`; it releases the GIL while it copies.
+    ``stop`` is asked between windows whether to give up (the caller's error). Starts the
+    disk write-back of what it copied, like :func:`copy_range`, so only one thread may
+    call it for a given ``dst``.
+    """
+    done = 0
+    use_cfr = hasattr(os, "copy_file_range")
+    while done < length:
+        if stop is not None and stop():
+            return
+        step = min(length - done, _WINDOW)
+        n = 0
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src, dst, step, offset + done, dst_offset + done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                                     errno.EPERM):
+                    raise
+                use_cfr = False
+                continue
+        else:
+            n = pwrite_all(dst, os.pread(src, min(step, _CHUNK), offset + done),
+                           dst_offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, f"unexpected end of input at byte {offset + done}")
+        done += n
+        with contextlib.suppress(OSError):  # one writer thread per fd: see _write_behind
+            _write_behind(dst, dst_offset + done)
+        if progress is not None:
+            progress(n)
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    """``os.pwrite`` until every byte is out; returns the length."""
+    view = memoryview(data)
+    pos = offset
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view = view[n:]
+        pos += n
+    return len(data)
+
+
+class Prefill:
+    """A copy of ``source`` into a temporary file beside ``target``, made by a background
+    thread from the start of a command that will probably rewrite ``source`` into
+    ``target`` with most bytes unchanged (``init``): the copy then runs while the command
+    imports torch (about a second: the import holds the GIL, but an in-kernel copy does
+    not need it). A writer that finds its output would start as this very copy takes it
+    (:func:`take_prefill`) and overwrites what differs; any other outcome discards it.
+    The temporary file is named as :func:`atomic_write`'s, so one left by a killed
+    process is removed like theirs.
+    """
+
+    def __init__(self, source: Path, target: Path) -> None:
+        import tempfile
+        import threading
+
+        self.target = resolve_target(target)
+        self.src_fd = os.open(source, os.O_RDONLY)
+        try:
+            st = os.fstat(self.src_fd)
+            self.identity = file_identity(st)
+            self.fd, name = tempfile.mkstemp(prefix=_temp_prefix(self.target), suffix=".tmp",
+                                             dir=self.target.parent)
+        except BaseException:
+            os.close(self.src_fd)
+            raise
+        self.tmp = Path(name)
+        self.size = st.st_size
+        self.failed: BaseException | None = None
+        self.copied = 0  # bytes at the start of the file copied so far
+        self._moved = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._copy, name="paramctl-prefill",
+                                        daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        def moved(n: int) -> None:
+            with self._moved:
+                self.copied += n
+                self._moved.notify_all()
+
+        try:
+            copy_range_at(self.src_fd, self.fd, 0, self.size, 0, moved, self._stop.is_set)
+        except BaseException as exc:
+            self.failed = exc
+        finally:
+            with self._moved:
+                self._stop.set()  # done, one way or the other
+                self._moved.notify_all()
+
+    def same_source(self, source_fd: int) -> bool:
+        """``source_fd`` is the file this copies, unchanged since the copy began."""
+        return file_identity(os.fstat(source_fd)) == self.identity
+
+    def wait_past(self, end: int) -> None:
+        """Return once the first ``end`` bytes are copied (or the copy stopped), so that
+        writing below ``end`` cannot be overwritten by the copy."""
+        with self._moved:
+            while self.copied < end and not self._stop.is_set():
+                self._moved.wait()
+
+    def finish(self, source_fd: int) -> bool:
+        """Wait for the copy; ``True`` when it is whole and ``source_fd`` is the same,
+        unchanged file it was copied from."""
+        self._thread.join()
+        if self.failed is not None or self.copied != self.size:
+            return False
+        same = self.same_source(source_fd) and file_identity(
+            os.fstat(self.src_fd)) == self.identity
+        self.close_source()
+        return same
+
+    def halt(self) -> None:
+        """Stop the copy and wait for it: nothing writes to ``fd`` after this returns."""
+        self._stop.set()
+        self._thread.join()
+
+    def close_source(self) -> None:
+        if self.src_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.src_fd)
+            self.src_fd = -1
+
+    def discard(self) -> None:
+        self.halt()
+        for fd in (self.fd, self.src_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd = self.src_fd = -1
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+_PREFILLS: dict[Path, Prefill] = {}
+
+
+def start_prefill(source: Path, target: Path) -> None:
+    """Start copying ``source`` towards ``target`` in the background (see :class:`Prefill`);
+    a failure to start is no error (the writer then copies as usual)."""
+    try:
+        prefill = Prefill(source, target)
+    except OSError:
+        return
+    if not _PREFILLS:
+        import atexit
+
+        atexit.register(discard_all_prefills)
+    _PREFILLS[prefill.target] = prefill
+
+
+def take_prefill(target: Path, source_fd: int) -> Prefill | None:
+    """The copy for ``target`` of the file open as ``source_fd`` (perhaps still running:
+    see :meth:`Prefill.wait_past` and :meth:`Prefill.finish`), or ``None``. The caller
+    owns it from then on: :func:`atomic_write` closes or removes its file."""
+    prefill = _PREFILLS.pop(resolve_target(target), None)
+    if prefill is None:
+        return None
+    if prefill.failed is None and prefill.same_source(source_fd):
+        return prefill
+    prefill.discard()
+    return None
+
+
+def discard_prefill(target: Path) -> None:
+    prefill = _PREFILLS.pop(resolve_target(target), None)
+    if prefill is not None:
+        prefill.discard()
+
+
+def discard_all_prefills() -> None:
+    while _PREFILLS:
+        _PREFILLS.popitem()[1].discard()
 
 
 class FdPool:

@@ -12,7 +12,7 @@ import json
 from typing import Any, TextIO
 
 from paramctl.model import ChangeResult, Inventory
-from paramctl.render.common import param_record, totals_record, tree_rows
+from paramctl.render.common import ShapeTexts, chunks, param_record, totals_record, tree_rows
 
 __all__ = ["CHANGES_TSV_COLUMNS", "INVENTORY_TSV_COLUMNS", "MACHINE_FORMATS", "changes",
            "escape_field", "inventory", "tree", "unescape_field"]
@@ -74,15 +74,17 @@ def inventory(inv: Inventory, fmt: str, out: TextIO, *, headers: bool = False) -
         for p in params:
             out.write(json.dumps(param_record(p)) + "\n")
     elif fmt == "names":
-        for p in params:
-            out.write(escape_field(p.name) + "\n")
+        for chunk in chunks(params):
+            out.write("".join([escape_field(p.name) + "\n" for p in chunk]))
     else:
         if headers:
             out.write("\t".join(INVENTORY_TSV_COLUMNS) + "\n")
-        for p in params:
-            tied = ",".join(escape_field(t) for t in p.tied)
-            out.write(f"{escape_field(p.name)}\t{p.shape_text}\t{p.dtype}\t{p.numel}\t"
-                      f"{'true' if p.requires_grad else 'false'}\t{tied}\n")
+        shapes = ShapeTexts()
+        for chunk in chunks(params):
+            out.write("".join([
+                f"{escape_field(p.name)}\t{shapes[p.shape]}\t{p.dtype}\t{p.numel}\t"
+                f"{'true' if p.requires_grad else 'false'}\t"
+                f"{','.join(escape_field(t) for t in p.tied)}\n" for p in chunk]))
 
 
 def tree(inv: Inventory, fmt: str, out: TextIO, *, depth: int | None = None,

@@ -11,7 +11,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from paramctl.model import FLOAT_DTYPES, ChangeResult, Inventory, ParamInfo, totals
-from paramctl.render.common import action_text, human_bytes, pct, summary_line, tree_rows
+from paramctl.render.common import (
+    ShapeTexts,
+    action_text,
+    chunks,
+    human_bytes,
+    pct,
+    summary_line,
+    tree_rows,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -25,6 +33,96 @@ def _console(out: TextIO, width: int | None) -> Console:
     return Console(file=out, width=width, highlight=False, soft_wrap=False)
 
 
+_TRAINABLE_STYLES = {"yes": "green", "no": "red", "partial": "yellow", "-": "dim",
+                     "buffer": "dim"}
+
+
+def _trainable_text(p: ParamInfo) -> str:
+    if p.buffer:
+        return "buffer"
+    if p.dtype not in FLOAT_DTYPES:
+        return "-"
+    return "yes" if p.requires_grad else "no"
+
+
+def _plain(texts: Sequence[str]) -> bool:
+    """Cells rich prints exactly as given: printable ASCII (one column per character),
+    nothing rich reads as markup (``[``) or as an emoji code (``:``)."""
+    text = "".join(texts)
+    return text.isascii() and text.isprintable() and "[" not in text and ":" not in text
+
+
+def _draw(console: Console, out: TextIO, header: Sequence[str] | None,
+          columns: Sequence[Sequence[str]], *, right: set[int],
+          styles: dict[int, dict[str, str]], fold: bool = True) -> bool:
+    """Write what ``console.print`` of rich's ``Table(box=None, pad_edge=False,
+    header_style="bold")`` of these columns writes, byte for byte, without rich laying out
+    each cell (a table of 100,000 rows took rich a minute). Returns ``False``, writing
+    nothing, when that output is not certain: then rich draws the table.
+
+    Certain means: plain cells (:func:`_plain`), and a table that fits the console or fits
+    by narrowing the first column alone, whose cells then fold into lines of that width
+    (``fold``), as rich's column-width rules and ``overflow="fold"`` do.
+    """
+    n, rows = len(columns), len(columns[0])
+    if not rows or not all(map(_plain, columns)) or (header is not None and not _plain(header)):
+        return False
+    pads = [0] if n == 1 else [1] + [2] * (n - 2) + [1]  # padding (0, 1), no edge padding
+    widths = [max(max(map(len, col)), len(header[i]) if header else 0)
+              for i, col in enumerate(columns)]
+    outer = [w + pad for w, pad in zip(widths, pads, strict=True)]
+    if sum(outer) > console.width:
+        from rich.table import Table
+
+        narrowed = Table._collapse_widths(outer, [True] * n, console.width)
+        if not fold or sum(narrowed) > console.width or narrowed[1:] != outer[1:]:
+            return False
+        widths[0] = narrowed[0] - pads[0]
+        if widths[0] < 1 or (header is not None and len(header[0]) > widths[0]):
+            return False
+    from rich.style import Style
+
+    def paint(text: str, style: str) -> str:
+        parsed = Style.parse(style)
+        if console.no_color:
+            parsed = parsed.without_color
+        return parsed.render(text, color_system=console._color_system,
+                             legacy_windows=console.legacy_windows)
+
+    def cell(text: str, i: int) -> str:
+        return text.rjust(widths[i]) if i in right else text.ljust(widths[i])
+
+    padded: list[list[str]] = []
+    for i, col in enumerate(columns):
+        style = styles.get(i)
+        if style is not None or len(set(col)) * 4 < len(col):  # few values: pad each once
+            once = {t: (paint(t, style[t]) + " " * (widths[i] - len(t)) if style and t in style
+                        else cell(t, i)) for t in set(col)}
+            padded.append(list(map(once.__getitem__, col)))
+        elif i == 0:
+            padded.append([t.ljust(widths[0]) for t in col])
+        else:
+            padded.append([cell(t, i) for t in col])
+    width0 = widths[0]
+    long_rows = [r for r, t in enumerate(columns[0]) if len(t) > width0]
+    if long_rows:  # fold: the first line of the cell here, the rest on lines of their own
+        blank = "".join("  " + " " * w for w in widths[1:])
+        for r in long_rows:
+            text = columns[0][r]
+            padded[0][r] = text[:width0]
+            rest = [text[k:k + width0].ljust(width0) + blank
+                    for k in range(width0, len(text), width0)]
+            padded[-1][r] += "\n" + "\n".join(rest)
+    if header is not None:
+        bold_gap = paint(" ", "bold") * 2
+        out.write(bold_gap.join(paint(cell(h, i), "bold") for i, h in enumerate(header))
+                  + "\n")
+    lines = list(map("  ".join, zip(*padded, strict=True)))
+    for chunk in chunks(lines):
+        out.write("\n".join(chunk) + "\n")
+    return True
+
+
 def _trainable_cell(p: ParamInfo) -> str:
     if p.buffer:
         return "[dim]buffer[/]"
@@ -34,25 +132,34 @@ def _trainable_cell(p: ParamInfo) -> str:
 
 
 def inventory(inv: Inventory, out: TextIO, *, headers: bool, width: int | None) -> None:
-    from rich.table import Table
-
     params = inv.params
     any_tied = any(p.tied for p in params)
-    table = Table(show_header=headers, box=None, pad_edge=False, header_style="bold")
-    table.add_column("name", overflow="fold")
-    table.add_column("shape")
-    table.add_column("dtype")
-    table.add_column("params", justify="right")
-    table.add_column("trainable")
-    if any_tied:
-        table.add_column("tied with", overflow="fold")
-    for p in params:
-        row = [p.name, p.shape_text, p.dtype, f"{p.numel:,}", _trainable_cell(p)]
-        if any_tied:
-            row.append(", ".join(p.tied))
-        table.add_row(*row)
     console = _console(out, width)
-    console.print(table)
+    shapes = ShapeTexts()
+    columns = [[p.name for p in params], [shapes[p.shape] for p in params],
+               [p.dtype for p in params], [f"{p.numel:,}" for p in params],
+               [_trainable_text(p) for p in params]]
+    if any_tied:
+        columns.append([", ".join(p.tied) for p in params])
+    names = ["name", "shape", "dtype", "params", "trainable", "tied with"][:len(columns)]
+    if not _draw(console, out, names if headers else None, columns, right={3},
+                 styles={4: _TRAINABLE_STYLES}):
+        from rich.table import Table
+
+        table = Table(show_header=headers, box=None, pad_edge=False, header_style="bold")
+        table.add_column("name", overflow="fold")
+        table.add_column("shape")
+        table.add_column("dtype")
+        table.add_column("params", justify="right")
+        table.add_column("trainable")
+        if any_tied:
+            table.add_column("tied with", overflow="fold")
+        for p in params:
+            row = [p.name, shapes[p.shape], p.dtype, f"{p.numel:,}", _trainable_cell(p)]
+            if any_tied:
+                row.append(", ".join(p.tied))
+            table.add_row(*row)
+        console.print(table)
     if headers:
         for line in footer_lines(params) + extra_lines(inv):
             console.print(line)
@@ -104,6 +211,16 @@ def extra_lines(inv: Inventory) -> list[str]:
 def tree(inv: Inventory, out: TextIO, *, depth: int | None = None, headers: bool = True,
          width: int | None = None) -> None:
     rows = tree_rows(inv.params, depth)
+    labels = [r.module if r.depth == 0 else "  " * (r.depth - 1) + r.module.rsplit(".", 1)[-1]
+              for r in rows]
+    columns = [labels, [f"{r.numel:,}" for r in rows], [human_bytes(r.nbytes) for r in rows],
+               [r.trainable for r in rows]]
+    console = _console(out, width)
+    # A label's leading spaces are its depth: rich would wrap a narrowed column on them,
+    # so only a tree that fits is drawn without rich (``fold=False``).
+    if _draw(console, out, ["module", "params", "size", "trainable"] if headers else None,
+             columns, right={1, 2}, styles={3: _TRAINABLE_STYLES}, fold=False):
+        return
     from rich.table import Table
 
     colour = {"yes": "[green]yes[/]", "no": "[red]no[/]", "partial": "[yellow]partial[/]",
@@ -113,10 +230,9 @@ def tree(inv: Inventory, out: TextIO, *, depth: int | None = None, headers: bool
     table.add_column("params", justify="right")
     table.add_column("size", justify="right")
     table.add_column("trainable")
-    for r in rows:
-        label = r.module if r.depth == 0 else "  " * (r.depth - 1) + r.module.rsplit(".", 1)[-1]
+    for label, r in zip(labels, rows, strict=True):
         table.add_row(label, f"{r.numel:,}", human_bytes(r.nbytes), colour[r.trainable])
-    _console(out, width).print(table)
+    console.print(table)
 
 
 def changes(result: ChangeResult, out: TextIO, *, dry_run: bool, headers: bool = True,

@@ -28,6 +28,7 @@ __all__ = [
     "open_as",
     "openers",
     "register",
+    "register_lazy",
 ]
 
 
@@ -73,8 +74,29 @@ _REGISTRY: list[tuple[str, Detector, Opener]] = []
 
 
 def register(fmt: str, detect: Detector, opener: Opener) -> None:
-    """Add a format; detectors are tried in registration order."""
+    """Add a format; detectors are tried in registration order. A format listed with
+    :func:`register_lazy` is replaced where it stands (its place in the order kept)."""
+    for i, (name, _, _) in enumerate(_REGISTRY):
+        if name == fmt:
+            _REGISTRY[i] = (fmt, detect, opener)
+            return
     _REGISTRY.append((fmt, detect, opener))
+
+
+def register_lazy(fmt: str, detect: Detector, module: str) -> None:
+    """List a format whose reader ``module`` is imported only when a spec is opened with
+    it; importing it runs its :func:`register`, which puts the real opener in place."""
+
+    def opener(spec: str, options: OpenOptions) -> Source:
+        import importlib
+
+        importlib.import_module(module)
+        for name, _, real in _REGISTRY:
+            if name == fmt and real is not opener:
+                return real(spec, options)
+        raise AssertionError(f"{module} did not register the format {fmt!r}")
+
+    register(fmt, detect, opener)
 
 
 def detect_format(spec: str) -> str:

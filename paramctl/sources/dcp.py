@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from paramctl.errors import CorruptFileError, OperationError, SourceError, Unsaf
 from paramctl.formats import DCP_FROZEN_FILE, DCP_METADATA
 from paramctl.io.files import FdPool
 from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, Edit, ParamInfo, TensorRecord, mark_buffers
+from paramctl.sources import detect
 from paramctl.sources.base import OpenOptions, register
 from paramctl.sources.pickle_vm import (
     _DTYPE_ALIASES,
@@ -335,8 +335,4 @@ class DcpSource:
         """Every tensor entry through DCP's own loader (non-tensor entries are skipped)."""
         return self.load_named([e.name for e in self.meta.tensors])
 
-def _detect(spec: str) -> bool:
-    return os.path.isdir(spec) and os.path.isfile(os.path.join(spec, METADATA))
-
-
-register("dcp", _detect, DcpSource)
+register("dcp", detect.dcp, DcpSource)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from paramctl.errors import CorruptFileError, SourceError, UsageError
 from paramctl.io.files import FdPool
 from paramctl.io.reader import ByteReader, is_remote, open_reader
 from paramctl.model import FLOAT_DTYPES, ParamInfo, TensorRecord
+from paramctl.sources import detect
 from paramctl.sources.base import OpenOptions, register
 
 __all__ = ["GGML_TYPES", "GGUFHeader", "GGUFSource", "GGUFTensor", "read_gguf_header"]
@@ -529,8 +529,4 @@ class GGUFSource:
                 for t in self.header.tensors]
 
 
-def _detect(spec: str) -> bool:
-    return spec.lower().endswith(".gguf") and not os.path.isdir(spec)
-
-
-register("gguf", _detect, GGUFSource)
+register("gguf", detect.gguf, GGUFSource)

@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from paramctl.errors import SourceError, UsageError
-from paramctl.io.reader import is_remote
 from paramctl.model import ParamInfo
+from paramctl.sources import detect
 from paramctl.sources.base import OpenOptions, register
+from paramctl.sources.detect import is_module_path
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ModuleSource", "build_module", "parse_args"]
+__all__ = ["ModuleSource", "build_module", "is_module_path", "parse_args"]
 
-_SPEC = re.compile(r"^(?P<target>[^:]+):(?P<attr>[A-Za-z_][\w.]*)$")
+_SPEC = detect.MODULE_SPEC
 
 
 def parse_args(pairs: list[str]) -> dict[str, Any]:
@@ -119,15 +120,6 @@ def build_module(spec: str, args: Mapping[str, Any], *, meta: bool) -> nn.Module
     return built
 
 
-def is_module_path(spec: str) -> bool:
-    if _SPEC.match(spec) is None:
-        return False
-    target = spec.split(":", 1)[0]
-    return target.endswith(".py") or os.sep in target or all(
-        part.isidentifier() for part in target.split(".")
-    )
-
-
 class ModuleSource:
     """An ``nn.Module`` built from code; written back only with ``-o``."""
 
@@ -163,8 +155,4 @@ class ModuleSource:
         return sum(p.nbytes for p in self.params())
 
 
-def _detect(spec: str) -> bool:
-    return not is_remote(spec) and not os.path.exists(spec) and is_module_path(spec)
-
-
-register("module", _detect, ModuleSource)
+register("module", detect.module, ModuleSource)

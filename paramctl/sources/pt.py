@@ -14,7 +14,6 @@ tensor record is copied unchanged.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from paramctl.errors import CorruptFileError, SourceError, UnsafeFileError
 from paramctl.formats import PT_EXTENSIONS, contiguous_stride
 from paramctl.formats.zip import Record, read_records
 from paramctl.io.files import FdPool, read_exact
-from paramctl.io.reader import ByteReader, LocalReader, is_remote, open_reader, spec_name
+from paramctl.io.reader import ByteReader, LocalReader, is_remote, open_reader
 from paramctl.model import (
     DTYPE_SIZES,
     FLOAT_DTYPES,
@@ -32,6 +31,7 @@ from paramctl.model import (
     mark_buffers,
     tied_groups,
 )
+from paramctl.sources import detect
 from paramctl.sources.adapter import adapter_extra
 from paramctl.sources.base import OpenOptions, local_only, register
 from paramctl.sources.pickle_vm import ParsedPickle, TensorRef, parse_pickle
@@ -396,12 +396,4 @@ def _strided_loader(fd: int, rec: Record, ref: TensorRef, display: str
     return load
 
 
-def _detect(spec: str) -> bool:
-    if is_remote(spec):
-        return spec_name(spec).lower().endswith(EXTENSIONS)
-    return spec.lower().endswith(EXTENSIONS) and not os.path.isdir(spec) and (
-        os.path.exists(spec) or ":" not in spec
-    )
-
-
-register("pt", _detect, open_pt)
+register("pt", detect.pt, open_pt)

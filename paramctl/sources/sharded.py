@@ -17,8 +17,9 @@ from paramctl.formats.hf_index import find_index as _find_index
 from paramctl.formats.hf_index import index_frozen, read_index, uncopied_files
 from paramctl.formats.safetensors import Header, TensorEntry, header_records, read_header
 from paramctl.io.files import FdPool, FileIdentity
-from paramctl.io.reader import LocalReader, is_remote, join, open_reader, spec_name
+from paramctl.io.reader import LocalReader, is_remote, join, open_reader
 from paramctl.model import FLOAT_DTYPES, Edit, ParamInfo, TensorRecord, mark_buffers
+from paramctl.sources import detect
 from paramctl.sources.base import OpenOptions, local_only, register
 
 __all__ = ["INDEX_SUFFIX", "ShardedSource"]
@@ -152,13 +153,4 @@ class ShardedSource:
         return self.entries[name]
 
 
-def _detect(spec: str) -> bool:
-    if spec_name(spec).lower().endswith(INDEX_SUFFIX):
-        return True
-    if is_remote(spec):
-        return False
-    path = Path(spec)
-    return path.is_dir() and any(p.name.lower().endswith(INDEX_SUFFIX) for p in path.iterdir())
-
-
-register("safetensors-sharded", _detect, ShardedSource)
+register("safetensors-sharded", detect.sharded, ShardedSource)

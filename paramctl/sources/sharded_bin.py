@@ -24,6 +24,7 @@ from paramctl.formats.zip import Record
 from paramctl.io.files import FdPool, FileIdentity
 from paramctl.io.reader import is_remote, join
 from paramctl.model import FLOAT_DTYPES, Edit, ParamInfo, TensorRecord, mark_buffers
+from paramctl.sources import detect
 from paramctl.sources.base import OpenOptions, open_as, register
 
 __all__ = ["ShardedBinSource"]
@@ -144,12 +145,4 @@ class ShardedBinSource:
         return uncopied_files(self.folder, self.index_path, self.shards, out)
 
 
-def _detect(spec: str) -> bool:
-    if spec.lower().endswith(BIN_INDEX_SUFFIX):
-        return True
-    if is_remote(spec) or not os.path.isdir(spec):
-        return False
-    return any(p.name.lower().endswith(BIN_INDEX_SUFFIX) for p in Path(spec).iterdir())
-
-
-register("pt-sharded", _detect, ShardedBinSource)
+register("pt-sharded", detect.sharded_bin, ShardedBinSource)

@@ -45,7 +45,8 @@ def edited(records: Iterable[TensorRecord], edit: Edit, frozen: set[str]
     on the way out (each loaded, initialised and released one at a time)."""
     out = []
     for r in records:
-        r = dataclasses.replace(r, frozen=r.name in frozen)
+        if r.frozen != (r.name in frozen):  # most keep their flag: no copy for those
+            r = dataclasses.replace(r, frozen=not r.frozen)
         if r.name in edit.init:
             if edit.init_fn is None:
                 raise AssertionError("init without init_fn")
