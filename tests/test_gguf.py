@@ -278,7 +278,11 @@ def test_tree_tsv_names_and_table(llama: tuple[Path, dict[str, Written]],
 
 def test_list_imports_neither_torch_nor_numpy(llama: tuple[Path, dict[str, Written]]) -> None:
     script = (
-        "import sys, runpy\n"
+        "import os, sys, runpy\n"
+        # `list` leaves with os._exit (no interpreter teardown); the probe has more to do.
+        "def _exit(code):\n"
+        "    raise SystemExit(code)\n"
+        "os._exit = _exit\n"
         f"sys.argv = ['paramctl', 'list', {str(llama[0])!r}, '-f', 'json']\n"
         "try:\n"
         "    runpy.run_module('paramctl', run_name='__main__')\n"

@@ -554,7 +554,11 @@ def test_unsafe_load_is_refused_remotely(hub: FakeHub, remote_root: Path,
 # -- start-up: a local command loads no HTTP machinery ---------------------------------------
 def test_a_local_listing_imports_no_http_client(remote_root: Path) -> None:
     local = str(remote_root / "single" / "model.safetensors")
-    probe = ("import sys, runpy\n"
+    probe = ("import os, sys, runpy\n"
+             # `list` leaves with os._exit (no teardown); the probe has more to do.
+             "def _exit(code):\n"
+             "    raise SystemExit(code)\n"
+             "os._exit = _exit\n"
              f"sys.argv = ['paramctl', 'list', {local!r}, '-f', 'json']\n"
              "try:\n"
              "    runpy.run_module('paramctl', run_name='__main__')\n"
