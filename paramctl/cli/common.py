@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
@@ -15,8 +15,8 @@ from paramctl.errors import ParamctlError, ParamctlWarning, UsageError
 from paramctl.fastcli import OutputError, one_line, output_format, result_output, warn
 
 __all__ = ["OutputError", "handle_errors", "one_line", "options", "output_format",
-           "parse_size", "progress_for", "read_names", "report_change", "result_output",
-           "warn"]
+           "parse_size", "progress_for", "read_names", "report_change", "report_write",
+           "result_output", "warn"]
 
 if TYPE_CHECKING:
     from paramctl.model import ChangeResult
@@ -150,21 +150,29 @@ def handle_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
             raise typer.Exit(exc.exit_code) from None
 
 
-def report_change(result: ChangeResult, fmt: str, *, dry_run: bool, headers: bool | None,
-                  quiet: bool) -> None:
-    """What a write command prints once the change is done: its warnings and ``wrote PATH``
-    on stderr (even with stdout piped), then the report on stdout; nothing with ``quiet``."""
-    from paramctl.render import render_changes
-
+def report_write(warnings: Sequence[str], written: Path | None, quiet: bool,
+                 render: Callable[[TextIO], None]) -> None:
+    """What a write command prints once it is done: its warnings and ``wrote PATH`` on
+    stderr (even with stdout piped), then ``render``'s report on stdout; nothing with
+    ``quiet``."""
     if quiet:
         return
-    for message in result.warnings:
+    for message in warnings:
         warn(message)
-    if result.written is not None:
-        sys.stderr.write(f"wrote {one_line(str(result.written))}\n")
-    with result_output(result.written) as stdout:
-        render_changes(result, fmt, stdout, dry_run=dry_run,
-                       headers=headers if headers is not None else fmt != "tsv")
+    if written is not None:
+        sys.stderr.write(f"wrote {one_line(str(written))}\n")
+    with result_output(written) as stdout:
+        render(stdout)
+
+
+def report_change(result: ChangeResult, fmt: str, *, dry_run: bool, headers: bool | None,
+                  quiet: bool) -> None:
+    """:func:`report_write` for freeze, unfreeze, init and apply."""
+    from paramctl.render import render_changes
+
+    report_write(result.warnings, result.written, quiet, lambda stdout: render_changes(
+        result, fmt, stdout, dry_run=dry_run,
+        headers=headers if headers is not None else fmt != "tsv"))
 
 
 def progress_for(label: str, quiet: bool) -> ProgressBar:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,13 +21,11 @@ from paramctl.cli.common import (
     UnsafeOpt,
     WaitOpt,
     handle_errors,
-    one_line,
     options,
     output_format,
     parse_size,
     progress_for,
-    result_output,
-    warn,
+    report_write,
 )
 
 EXAMPLES = """
@@ -103,12 +100,6 @@ def convert_command(
                              wait=wait, progress=bar)
         finally:
             bar.close()
-        if quiet:
-            return
-        for message in result.warnings:
-            warn(message)
-        if result.written is not None:
-            sys.stderr.write(f"wrote {one_line(str(result.written))}\n")
-        with result_output(result.written) as stdout:
-            render_convert(result, kind, stdout, dry_run=dry_run,
-                           headers=headers if headers is not None else kind != "tsv")
+        report_write(result.warnings, result.written, quiet, lambda stdout: render_convert(
+            result, kind, stdout, dry_run=dry_run,
+            headers=headers if headers is not None else kind != "tsv"))
