@@ -91,6 +91,16 @@ class Dist:
 
             tdist.barrier()
 
+    def close(self) -> None:
+        """Leave the torchrun group: a gloo group torn down at interpreter exit aborts the
+        process ("terminate called without an active exception")."""
+        if self.world > 1:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.barrier()
+                tdist.destroy_process_group()
+
     def shared(self, make: Callable[[], str]) -> str:
         """Run ``make`` on rank 0 and give every rank its result."""
         if self.world == 1:

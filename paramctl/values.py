@@ -343,6 +343,10 @@ def _run_shares(worker: Callable[..., list[Any]], spec: Any, options: Any,
 
         gathered: list[Any] = [None] * dist.world
         tdist.all_gather_object(gathered, mine)
+        # Leave the group before the interpreter exits: a gloo group torn down at exit
+        # aborts the process ("terminate called without an active exception").
+        tdist.barrier()
+        tdist.destroy_process_group()
         if dist.rank != 0:
             return []
         rows = [r for part in gathered for r in part]

@@ -152,6 +152,7 @@ def _reinit(source: DcpLike, edit: Edit, frozen: set[str], out: Path | None) -> 
         if dist.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    dist.close()
     return target
 
 
