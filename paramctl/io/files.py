@@ -380,6 +380,13 @@ def _write_behind(dst: int, end: int) -> None:
         state[1] = end - _WINDOW
 
 
+def write_behind(dst: int) -> None:
+    """Start writing what is in ``dst`` so far to disk (see :func:`_write_behind`): for
+    writers that write bytes they made (a cast), so the final fsync has little left."""
+    with contextlib.suppress(OSError):
+        _write_behind(dst, os.lseek(dst, 0, os.SEEK_CUR))
+
+
 def copy_range(src: int, dst: int, offset: int, length: int,
                progress: Progress | None = None) -> None:
     """Copy ``length`` bytes at ``offset`` of fd ``src`` to the current position of ``dst``.

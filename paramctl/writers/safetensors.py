@@ -26,6 +26,7 @@ from paramctl.io.files import (
     pwrite_all,
     take_prefill,
     write_all,
+    write_behind,
 )
 from paramctl.model import Edit, TensorRecord
 from paramctl.writers.base import Progress, edited, record_bytes, source_gone
@@ -100,6 +101,7 @@ def write_safetensors(out: Path, records: Sequence[TensorRecord], metadata: dict
                 written = 0
                 for piece in r.stream():
                     written += write_all(fd, piece)
+                    write_behind(fd)
                 if written != r.nbytes:
                     raise AssertionError(f"{r.name}: streamed {written} bytes, "
                                          f"expected {r.nbytes}")
