@@ -592,7 +592,7 @@ class Case:
 
 
 CASE_NAMES = [
-    "list pt", "list small pt", "list safetensors", "list small safetensors",
+    "list pt", "list small pt", "list safetensors", "list small safetensors", "mem safetensors",
     "list st vs st-print", "list pt vs ckptkit", "list 100k vs ckptkit", "table 100k tty",
     "tree 100k tty", "freeze pt", "freeze safetensors", "freeze 100k", "init safetensors",
     "stats", "diff", "convert cast vs torch", "convert cast vs cp", "convert rename pt",
@@ -654,6 +654,9 @@ def make_cases(ckpt: Path, work: Path, tensors: dict[str, int], sync: bool, spec
              min_lines=ns),
         Case("list safetensors", ["list", bst, "-f", "tsv"], [py, "-c", LIST_ST, bst],
              0.15, 80, min_lines=nb),
+        # mem reads what list reads (metadata only, no torch): it must cost what list costs.
+        Case("mem safetensors", ["mem", bst, "-f", "json"], [py, "-c", LIST_ST, bst],
+             0.15, 80, min_lines=1),
         Case("list small safetensors", ["list", sst, "-f", "tsv"], [py, "-c", LIST_ST, sst],
              min_lines=ns),
         Case("list st vs st-print", ["list", bst, "-f", "tsv"],
