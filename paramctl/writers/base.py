@@ -4,14 +4,17 @@ record's bytes."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from paramctl.errors import SourceError, UsageError
-from paramctl.io.files import read_exact
+from paramctl.formats.hf_index import index_doc
+from paramctl.io.files import atomic_write, copy_range, locked, read_exact
 from paramctl.model import Edit, InitFn, TensorRecord
 
-__all__ = ["Progress", "edited", "new_folder", "record_bytes", "source_gone"]
+__all__ = ["Progress", "edited", "new_folder", "record_bytes", "rewrite_shards",
+           "source_gone"]
 
 Progress = Callable[[int], None]
 
@@ -64,3 +67,44 @@ def new_folder(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"-o {out} exists and is not an empty folder; name a new folder")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def rewrite_shards(folder: Path, index_path: Path, index: dict[str, Any],
+                   weight_map: Mapping[str, str], frozen: set[str], changed_flags: bool,
+                   edit: Edit, out: Path | None, progress: Progress | None,
+                   rewrite_shard: Callable[[str, Edit, Path | None], None]) -> Path:
+    """The shared plan of both sharded layouts (safetensors and torch ``.bin``): flags live
+    in the index, so only the shards holding ``edit.init`` tensors are rewritten (each by
+    ``rewrite_shard(shard, its edit, its output or None)``, atomically), then the index
+    last, and only when the flags changed. With ``out``, a new folder: the other shards
+    are copied in the kernel."""
+    touched = {weight_map[n] for n in edit.init}
+    shards = list(dict.fromkeys(weight_map.values()))
+
+    def shard_edit(shard: str) -> Edit:
+        return Edit(init=frozenset(n for n in edit.init if weight_map[n] == shard),
+                    init_fn=edit.init_fn)
+
+    if out is None:
+        with locked(index_path):
+            for shard in shards:
+                if shard in touched:
+                    rewrite_shard(shard, shard_edit(shard), None)
+            if changed_flags:
+                with atomic_write(index_path) as fh:
+                    fh.write(index_doc(index, frozen))
+        return index_path
+    if out.resolve() == folder.resolve():
+        raise UsageError(f"-o {out} is the source folder; omit -o to rewrite in place")
+    new_folder(out)
+    for shard in shards:
+        src = folder / shard
+        (out / shard).parent.mkdir(parents=True, exist_ok=True)
+        if shard in touched:
+            rewrite_shard(shard, shard_edit(shard), out / shard)
+        else:
+            with open(src, "rb") as fin, atomic_write(out / shard, mode_from=src) as fh:
+                copy_range(fin.fileno(), fh.fileno(), 0, src.stat().st_size, progress)
+    with atomic_write(out / index_path.name, mode_from=index_path) as fh:
+        fh.write(index_doc(index, frozen))
+    return out

@@ -12,13 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from paramctl.errors import UsageError
 from paramctl.formats import FROZEN_KEY, INDEX_SUFFIX
-from paramctl.formats.hf_index import index_doc
 from paramctl.formats.safetensors import Header
-from paramctl.io.files import FileIdentity, atomic_write, copy_range, locked
+from paramctl.io.files import FileIdentity, atomic_write
 from paramctl.model import Edit, TensorRecord
-from paramctl.writers.base import Progress, new_folder
+from paramctl.writers.base import Progress, new_folder, rewrite_shards
 from paramctl.writers.safetensors import rewrite_file, write_safetensors
 
 __all__ = ["new_folder", "rewrite", "write_sharded"]
@@ -33,50 +31,23 @@ class ShardedLike(Protocol):
     headers: dict[str, Header]
     sizes: dict[str, int]
     identities: dict[str, FileIdentity | None]
+    frozen: set[str]
 
     def new_frozen(self, edit: Edit) -> set[str]: ...
-
-
-def _shard_edit(source: ShardedLike, edit: Edit, shard: str) -> Edit:
-    names = {e.name for e in source.headers[shard].tensors}
-    return Edit(init=frozenset(n for n in edit.init if n in names), init_fn=edit.init_fn)
 
 
 def rewrite(source: ShardedLike, edit: Edit, out: Path | None,
             progress: Progress | None = None) -> Path:
     """Apply ``edit`` in place, or write the result as a new folder ``out``."""
     frozen = source.new_frozen(edit)
-    touched = {source.weight_map[n] for n in edit.init}
-    shards = list(dict.fromkeys(source.weight_map.values()))
-    if out is None:
-        with locked(source.index_path):
-            for shard in shards:
-                if shard in touched:
-                    path = source.folder / shard
-                    header = source.headers[shard]
-                    rewrite_file(path, header, source.identities[shard],
-                                 _shard_edit(source, edit, shard), header.frozen, None,
-                                 progress)
-            with atomic_write(source.index_path) as fh:
-                fh.write(index_doc(source.index, frozen))
-        return source.index_path
-    if out.resolve() == source.folder.resolve():
-        raise UsageError(f"-o {out} is the source folder; omit -o to rewrite in place")
-    new_folder(out)
-    for shard in shards:
-        src = source.folder / shard
-        (out / shard).parent.mkdir(parents=True, exist_ok=True)
-        if shard in touched:
-            header = source.headers[shard]
-            rewrite_file(src, header, source.identities[shard],
-                         _shard_edit(source, edit, shard), header.frozen, out / shard,
-                         progress)
-        else:
-            with open(src, "rb") as fin, atomic_write(out / shard, mode_from=src) as fh:
-                copy_range(fin.fileno(), fh.fileno(), 0, source.sizes[shard], progress)
-    with atomic_write(out / source.index_path.name, mode_from=source.index_path) as fh:
-        fh.write(index_doc(source.index, frozen))
-    return out
+
+    def rewrite_shard(shard: str, shard_edit: Edit, target: Path | None) -> None:
+        header = source.headers[shard]
+        rewrite_file(source.folder / shard, header, source.identities[shard], shard_edit,
+                     header.frozen, target, progress)
+
+    return rewrite_shards(source.folder, source.index_path, source.index, source.weight_map,
+                          frozen, frozen != source.frozen, edit, out, progress, rewrite_shard)
 
 
 def write_sharded(out_dir: Path, records: Sequence[TensorRecord], max_shard_size: int,

@@ -11,12 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from paramctl.errors import UsageError
-from paramctl.formats.hf_index import index_doc
-from paramctl.io.files import atomic_write, copy_range, locked
 from paramctl.model import Edit
 from paramctl.writers import pt
-from paramctl.writers.base import Progress, new_folder
+from paramctl.writers.base import Progress, rewrite_shards
 
 __all__ = ["rewrite"]
 
@@ -33,40 +30,13 @@ class ShardedBinLike(Protocol):
     def new_frozen(self, edit: Edit) -> set[str]: ...
 
 
-def _shard_edit(source: ShardedBinLike, edit: Edit, shard: str) -> Edit:
-    """Only the inits of one shard; its flags are the index's business."""
-    return Edit(init=frozenset(n for n in edit.init if source.weight_map[n] == shard),
-                init_fn=edit.init_fn)
-
-
 def rewrite(source: ShardedBinLike, edit: Edit, out: Path | None,
             progress: Progress | None = None) -> Path:
     """Apply ``edit`` in place, or write the result as a new folder ``out``."""
     frozen = source.new_frozen(edit)
-    touched = {source.weight_map[n] for n in edit.init}
-    shards = list(dict.fromkeys(source.weight_map.values()))
-    if out is None:
-        with locked(source.index_path):
-            for shard in shards:
-                if shard in touched:
-                    pt.rewrite(source.shards[shard], _shard_edit(source, edit, shard), None,
-                               progress)
-            if frozen != source.frozen:
-                with atomic_write(source.index_path) as fh:
-                    fh.write(index_doc(source.index, frozen))
-        return source.index_path
-    if out.resolve() == source.folder.resolve():
-        raise UsageError(f"-o {out} is the source folder; omit -o to rewrite in place")
-    new_folder(out)
-    for shard in shards:
-        src = source.folder / shard
-        (out / shard).parent.mkdir(parents=True, exist_ok=True)
-        if shard in touched:
-            pt.rewrite(source.shards[shard], _shard_edit(source, edit, shard), out / shard,
-                       progress)
-        else:
-            with open(src, "rb") as fin, atomic_write(out / shard, mode_from=src) as fh:
-                copy_range(fin.fileno(), fh.fileno(), 0, src.stat().st_size, progress)
-    with atomic_write(out / source.index_path.name, mode_from=source.index_path) as fh:
-        fh.write(index_doc(source.index, frozen))
-    return out
+
+    def rewrite_shard(shard: str, shard_edit: Edit, target: Path | None) -> None:
+        pt.rewrite(source.shards[shard], shard_edit, target, progress)
+
+    return rewrite_shards(source.folder, source.index_path, source.index, source.weight_map,
+                          frozen, frozen != source.frozen, edit, out, progress, rewrite_shard)
