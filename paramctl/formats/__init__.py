@@ -15,6 +15,7 @@ __all__ = [
     "PT_EXTENSIONS",
     "STORAGE_DTYPES",
     "contiguous_stride",
+    "parse_frozen",
 ]
 
 # Suffixes of torch zip checkpoints written by torch.save.
@@ -59,3 +60,18 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
         stride.append(acc)
         acc *= max(d, 1)
     return tuple(reversed(stride))
+
+
+def parse_frozen(raw: object) -> set[str] | None:
+    """The names a recorded frozen list holds (``paramctl.frozen``: a JSON array, or a
+    string holding one), or ``None`` when it is not a list of names."""
+    if isinstance(raw, str):
+        import json
+
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return None
+    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+        return None
+    return set(raw)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from paramctl.errors import CorruptFileError, SourceError
-from paramctl.formats import FROZEN_KEY
+from paramctl.formats import FROZEN_KEY, parse_frozen
 from paramctl.io.reader import open_reader
 
 __all__ = ["MAX_INDEX_BYTES", "find_index", "index_doc", "index_frozen", "read_index",
@@ -73,14 +73,10 @@ def index_frozen(index: dict[str, Any], where: object) -> set[str]:
     raw = meta.get(FROZEN_KEY)
     if raw is None:
         return set()
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            raw = None
-    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+    names = parse_frozen(raw)
+    if names is None:
         raise CorruptFileError(f"{where}: metadata[{FROZEN_KEY!r}] is not a list of names")
-    return set(raw)
+    return names
 
 
 def index_doc(index: dict[str, Any], frozen: set[str],

@@ -17,7 +17,7 @@ from operator import itemgetter, le, lt, mul, sub
 from typing import Any, NamedTuple, TypeGuard
 
 from paramctl.errors import CorruptFileError
-from paramctl.formats import FROZEN_KEY
+from paramctl.formats import FROZEN_KEY, parse_frozen
 from paramctl.io.reader import ByteReader
 from paramctl.model import DTYPE_SIZES, TensorRecord
 
@@ -88,13 +88,10 @@ class Header:
         raw = self.metadata.get(FROZEN_KEY)
         if raw is None:
             return set()
-        try:
-            names = json.loads(raw)
-        except ValueError:
-            names = None
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        names = parse_frozen(raw)
+        if names is None:
             raise CorruptFileError(f"__metadata__[{FROZEN_KEY!r}] is not a JSON array of names")
-        return set(names)
+        return names
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
