@@ -265,8 +265,14 @@ class TensorRecord:
     offset: int = 0
     load: Callable[[], bytes | bytearray] | None = None
     # The same bytes as ``load`` in pieces, for writers that can stream them (a cast of a
-    # large tensor then holds a few MiB, not the tensor twice).
+    # large tensor then holds a few MiB, not the tensor twice). A piece may be a view of a
+    # reused buffer: it stays valid while STREAM_HOLD more pieces are requested.
     stream: Callable[[], Iterable[bytes | bytearray | memoryview]] | None = None
+
+
+STREAM_HOLD = 2
+"""How many more pieces a consumer of :attr:`TensorRecord.stream` may request while it still
+holds (e.g. is writing in the background) an earlier one."""
 
 
 @dataclass(frozen=True)

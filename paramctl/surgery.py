@@ -11,12 +11,12 @@ is read, transformed and written one at a time: memory holds one tensor, not the
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from paramctl.errors import OperationError, UsageError
+from paramctl.io.files import read_ahead
 from paramctl.model import DTYPE_SIZES, FLOAT_DTYPES, Edit, ParamInfo, TensorRecord
 from paramctl.patterns import select
 from paramctl.rules import Rename, Step, apply_renames, parse_cast, parse_rename
@@ -160,13 +160,7 @@ def _source_chunks(record: TensorRecord) -> Iterator[bytes | bytearray | memoryv
         for start in range(0, len(view), step):
             yield view[start:start + step]
         return
-    pos, end = record.offset, record.offset + record.nbytes
-    while pos < end:
-        data = os.pread(record.fd, min(step, end - pos), pos)
-        if not data:
-            raise OperationError(f"truncated data for {record.name!r}")
-        yield data
-        pos += len(data)
+    yield from read_ahead(record.fd, record.offset, record.nbytes, repr(record.name), step=step)
 
 
 def _cast_record(record: TensorRecord, row: ConvertRow, allow_overflow: bool

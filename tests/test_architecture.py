@@ -143,7 +143,7 @@ ALLOWED: dict[str, set[str]] = {
     "weights": {"sources", *_BOTTOM},
     "view": {"sources", "weights", *_BOTTOM},
     "values": {"view", "sources", "numeric", "select", "patterns", "io", *_BOTTOM},
-    "surgery": {"view", "sources", "writers", "numeric", "rules", "select", "patterns",
+    "surgery": {"view", "sources", "writers", "numeric", "rules", "select", "patterns", "io",
                 *_BOTTOM},
     "core": {"sources", "writers", "numeric", "rules", "select", "patterns", "io", "formats",
              "memory", "weights", "view", "surgery", *_BOTTOM},

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from paramctl import numeric
 from paramctl.errors import OperationError
 from paramctl.numeric import (
+    CAST_HOLD,
     CASTABLE,
     DECODABLE,
     DiffMetrics,
@@ -521,14 +522,31 @@ def test_cast_chunks_equals_cast_bytes(cuts: list[int], pair: tuple[str, str],
     src, dst = pair
     data = float32_patterns()[:80_000] if src == "float32" else ALL_16_BIT[:80_000]
     size = dtype_of(src).itemsize
-    pieces = list(cast_chunks(split(data, size, cuts), src, dst, allow_overflow=True))
+    pieces = [bytes(p) for p in cast_chunks(split(data, size, cuts), src, dst,
+                                            allow_overflow=True)]
     assert b"".join(pieces) == cast_bytes(data, src, dst, allow_overflow=True)
+
+
+def test_cast_chunks_pieces_stay_valid_for_cast_hold_more(mode: str) -> None:
+    # A consumer (a background writer) may hold CAST_HOLD pieces while asking for more.
+    data = ALL_16_BIT
+    expected = cast_bytes(data, "bfloat16", "float16", allow_overflow=True)
+    stream = cast_chunks(fixed_chunks(data, 4096), "bfloat16", "float16", allow_overflow=True)
+    held: list[tuple[int, memoryview]] = []
+    pos = 0
+    for piece in stream:
+        view = memoryview(piece)
+        held.append((pos, view))
+        pos += len(view)
+        for start, old in held[-(CAST_HOLD + 1):]:
+            assert bytes(old) == expected[start:start + len(old)]
+    assert pos == len(expected)
 
 
 def test_cast_chunks_reports_overflow_after_the_last_chunk(mode: str) -> None:
     data = raw(torch.tensor([1e5, 1.0] * 3000))
     stream = cast_chunks(fixed_chunks(data, 4000), "float32", "float16", name="emb")
-    produced = [next(stream) for _ in range(6)]  # every chunk comes out first
+    produced = [bytes(next(stream)) for _ in range(6)]  # every chunk comes out first
     assert len(b"".join(produced)) == len(data) // 2
     with pytest.raises(OperationError, match=r"^emb: 3000 values overflow float16"):
         next(stream)

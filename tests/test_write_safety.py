@@ -224,3 +224,26 @@ def test_sigkill_leaves_original_or_complete_result(big_files: dict[str, Path], 
     # at least one kill landed while the temporary file was being written
     assert any(running and outcome == "original" and left for _, running, outcome, left
                in outcomes), outcomes
+
+
+def test_file_size_limit_mid_streamed_cast(tmp_path: Path) -> None:
+    """EFBIG in the background writer of a streamed cast (tensors of several read-ahead
+    pieces, bf16 -> float32 doubles the bytes): one line, exit 1, nothing changed."""
+    g = torch.Generator().manual_seed(3)
+    path = tmp_path / "m.safetensors"
+    save_file({f"w{i}": torch.randn(3072, 1024, generator=g).to(torch.bfloat16)
+               for i in range(4)}, str(path), metadata={"format": "pt"})
+    stamp = folder_state(tmp_path)
+    limit = path.stat().st_size + (1 << 20)
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    for args in (["--cast", "float32"], ["--cast", "float32", "-o", str(tmp_path / "o.st")]):
+        res = subprocess.run([sys.executable, "-m", "paramctl", "convert", str(path), *args],
+                             capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120,
+                             preexec_fn=small_files)
+        assert res.returncode == 1, res.stderr
+        assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+        assert folder_state(tmp_path) == stamp
+        assert temps(tmp_path) == []

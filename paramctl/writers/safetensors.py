@@ -26,9 +26,9 @@ from paramctl.io.files import (
     pwrite_all,
     take_prefill,
     write_all,
-    write_behind,
+    write_pieces,
 )
-from paramctl.model import Edit, TensorRecord
+from paramctl.model import STREAM_HOLD, Edit, TensorRecord
 from paramctl.writers.base import Progress, edited, record_bytes, source_gone
 
 __all__ = ["rewrite", "rewrite_file", "write_safetensors"]
@@ -98,10 +98,7 @@ def write_safetensors(out: Path, records: Sequence[TensorRecord], metadata: dict
                 continue
             flush()
             if r.stream is not None:
-                written = 0
-                for piece in r.stream():
-                    written += write_all(fd, piece)
-                    write_behind(fd)
+                written = write_pieces(fd, r.stream(), hold=STREAM_HOLD)
                 if written != r.nbytes:
                     raise AssertionError(f"{r.name}: streamed {written} bytes, "
                                          f"expected {r.nbytes}")
