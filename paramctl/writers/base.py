@@ -35,7 +35,8 @@ def _initialised(record: TensorRecord, init_fn: InitFn) -> Callable[[], bytearra
     def load() -> bytearray:
         from paramctl.tensors import frombuffer
 
-        buf = bytearray(record_bytes(record))
+        # Every init function overwrites the whole tensor: the stored bytes are not read.
+        buf = bytearray(record.nbytes)
         init_fn(record.name, frombuffer(buf, record.dtype).view(record.shape))
         return buf
 
