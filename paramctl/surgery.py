@@ -150,11 +150,16 @@ def plan_convert(params: Sequence[ParamInfo], plan: ConvertPlan, *, allow_empty:
     return rows
 
 
+# Bytes per piece of a streamed cast (several pieces are in flight: read ahead, being cast,
+# being written).
+_CAST_STEP = 4 << 20
+
+
 def _source_chunks(record: TensorRecord) -> Iterator[bytes | bytearray | memoryview]:
     """The record's stored bytes in pieces of a few MiB (whole elements)."""
     from paramctl.writers.base import record_bytes
 
-    step = 4 << 20
+    step = _CAST_STEP
     if record.load is not None or record.fd is None:
         view = memoryview(record_bytes(record))
         for start in range(0, len(view), step):

@@ -46,9 +46,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from paramctl import surgery
 from paramctl.core import change, inspect
 from paramctl.errors import CorruptFileError, ParamctlError
 from paramctl.rules import Step
+from paramctl.surgery import ConvertPlan, convert
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = int(os.environ.get("PARAMCTL_FUZZ_EXAMPLES", "150"))
@@ -477,6 +479,27 @@ def _check_rewrite(path: Path, fmt: str, workdir: Path, count: int) -> None:
     assert len(again.params) == count
     assert not any(p.requires_grad for p in again.params)
     OUTCOMES[fmt]["listed; frozen copy lists again"] += 1
+    _check_cast(path, fmt, workdir, count)
+
+
+def _check_cast(path: Path, fmt: str, workdir: Path, count: int) -> None:
+    """A listed mutant casts to bfloat16 through the streaming path (read-ahead thread,
+    cast, writer thread; pieces of 96 bytes so the small seeds take it), or refuses in
+    one line; nothing is left behind either way."""
+    out = workdir / "cast.safetensors"  # the streaming writer
+    out.unlink(missing_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(surgery, "_CAST_STEP", 96)
+        try:
+            convert(str(path), ConvertPlan.parse(cast="bfloat16", allow_overflow=True),
+                    out=out, allow_empty=True)
+        except ParamctlError as exc:
+            assert "\n" not in str(exc), repr(str(exc))
+            OUTCOMES[fmt]["listed; cast refused: " + _outcome(exc)] += 1
+            assert not [p for p in workdir.iterdir() if ".paramctl-" in p.name]
+            return
+    assert len(inspect(str(out)).params) == count
+    OUTCOMES[fmt]["listed; bf16 copy lists again"] += 1
 
 
 @FUZZ_SETTINGS

@@ -343,6 +343,35 @@ def test_payload_never_runs(payload: Payload, command: list[str], samples_dir: P
 
 
 @pytest.mark.parametrize("payload", PAYLOADS, ids=[p.id for p in PAYLOADS])
+@pytest.mark.parametrize("out", ["cast.safetensors", "cast.pt"])
+def test_payload_never_runs_on_convert(payload: Payload, out: str, samples_dir: Path,
+                                       tmp_path: Path, cli: CliFn) -> None:
+    """convert --cast streams the tensors (read-ahead and writer threads) and carries or
+    drops everything else: the payload neither runs nor turns a refusal into a traceback."""
+    path, marker = _build(payload, samples_dir, tmp_path)
+    before = path.read_bytes()
+    result = cli("convert", path, "--cast", "bfloat16", "-o", tmp_path / out, "-q",
+                 cwd=tmp_path, env=_env(tmp_path))
+    assert not marker.exists(), "the payload ran"
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if ".paramctl-" in p.name) == []
+    if result.returncode != 0 or not payload.lists:
+        # Refused: as corrupt/unsafe (1), or as a cast that would rewrite what is beside
+        # the tensors (2); one line either way.
+        assert result.returncode in (1, 2), result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        if not payload.lists:
+            assert payload.error in lines[0]
+        return
+    assert "Traceback" not in result.stderr
+    cast = inspect(str(tmp_path / out))
+    assert [p.name for p in cast.params] == _mlp_names(samples_dir)
+    assert {p.dtype for p in cast.params} == {"bfloat16"}
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=[p.id for p in PAYLOADS])
 def test_payload_never_runs_in_process(payload: Payload, samples_dir: Path,
                                        tmp_path: Path) -> None:
     """The library API reads the same files (no CLI in between), and imports nothing."""
