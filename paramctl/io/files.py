@@ -14,6 +14,7 @@ import contextvars
 import errno
 import fcntl
 import itertools
+import mmap
 import os
 import queue
 import stat
@@ -752,7 +753,8 @@ def write_pieces(fd: int, pieces: Iterable[bytes | bytearray | memoryview], *,
     """Write ``pieces`` in order at the current position of ``fd``; returns the length.
 
     A background thread writes (``write`` drops the GIL) while the next pieces are made,
-    and starts disk write-back as it goes (:func:`write_behind`). ``hold``: how many more
+    whole aligned blocks with ``O_DIRECT`` where the filesystem takes it (see
+    :class:`_Sink`). ``hold``: how many more
     pieces the iterator may be asked for while an earlier piece is still being written
     (its pieces may be reused buffers). An error on either side stops both and is raised.
     """
@@ -762,15 +764,22 @@ def write_pieces(fd: int, pieces: Iterable[bytes | bytearray | memoryview], *,
     written = [0]
 
     def writer() -> None:
-        while (piece := todo.get()) is not _STOP:
-            try:
-                if not failed:
-                    written[0] += write_all(fd, cast("bytes", piece))
-                    write_behind(fd)
-            except BaseException as exc:  # raised by the producer below
-                failed.append(exc)
-            finally:
-                slots.release()
+        sink = _Sink(fd)
+        try:
+            while (piece := todo.get()) is not _STOP:
+                try:
+                    if not failed:
+                        written[0] += sink.write(cast("bytes", piece))
+                except BaseException as exc:  # raised by the producer below
+                    failed.append(exc)
+                finally:
+                    slots.release()
+            if not failed:
+                sink.finish()
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            sink.close()
 
     thread = threading.Thread(target=writer, name="paramctl-write", daemon=True)
     thread.start()
@@ -798,3 +807,104 @@ def _throttled(pieces: Iterable[bytes | bytearray | memoryview], slots: threadin
         except StopIteration:
             return
         yield piece
+
+
+_ALIGN = 4096  # O_DIRECT: offsets, lengths and memory aligned to this (the largest usual)
+_STAGE = 8 << 20
+
+
+class _Sink:
+    """Writes a byte stream at the current position of ``fd``: whole aligned blocks with
+    ``O_DIRECT``, the unaligned ends (and everything, where the filesystem refuses
+    ``O_DIRECT``) through the page cache.
+
+    Why: in the page cache, writing made bytes is a copy into fresh pages whose cost
+    swings wildly on a VM (2.5 GiB: 0.6 to 4.3 s of system time, measured with dd),
+    then write-back; direct writes go from one reused, page-aligned staging buffer to
+    the disk (0.97 s, 0.14 s of CPU, every time). Durability still comes from the fsync
+    of :func:`atomic_write`. ``O_DIRECT`` is set only while this sink writes.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pos = os.lseek(fd, 0, os.SEEK_CUR)
+        self.flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        self.direct = hasattr(os, "O_DIRECT")
+        self.stage: Any = None
+        self.fill = 0
+
+    def write(self, piece: bytes | bytearray | memoryview) -> int:
+        data = memoryview(piece).cast("B")
+        n = len(data)
+        if self.direct and self.stage is None and self.pos % _ALIGN:
+            head = min(n, -self.pos % _ALIGN)  # up to the first aligned offset
+            self.pos += write_all(self.fd, data[:head])
+            data = data[head:]
+        while data and self.direct:
+            if self.stage is None:
+                self.stage = _STAGES.pop() if _STAGES else mmap.mmap(-1, _STAGE)
+                if len(self.stage) != _STAGE:  # kept from before a change of _STAGE
+                    self.stage = mmap.mmap(-1, _STAGE)
+            take = min(len(data), _STAGE - self.fill)
+            self.stage[self.fill:self.fill + take] = data[:take]
+            self.fill += take
+            data = data[take:]
+            if self.fill == _STAGE:
+                self._flush(_STAGE)
+        if not self.direct:  # the page cache (from the start, or since a refusal)
+            if self.fill:
+                self._flush(self.fill)
+            if data:
+                self.pos += write_all(self.fd, data)
+                write_behind(self.fd)
+        return n
+
+    def _flush(self, n: int) -> None:
+        """Write the first ``n`` staged bytes (whole blocks, at an aligned offset)."""
+        view = memoryview(self.stage)
+        try:
+            if self.direct:
+                try:
+                    fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags | os.O_DIRECT)
+                    write_all(self.fd, view[:n])
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    # Not on this filesystem (tmpfs, some FUSE): the page cache, from here.
+                    self.direct = False
+                    self._buffered()
+                    write_all(self.fd, view[:n])
+            else:
+                write_all(self.fd, view[:n])
+            self.pos += n
+            view[:self.fill - n] = view[n:self.fill]
+            self.fill -= n
+        finally:
+            view.release()
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
+        os.lseek(self.fd, self.pos, os.SEEK_SET)  # a refused write may have moved nothing
+
+    def finish(self) -> None:
+        """Write what is staged: its whole blocks directly, the rest buffered."""
+        if self.stage is None:
+            return
+        whole = self.fill - self.fill % _ALIGN
+        if whole and self.direct:
+            self._flush(whole)
+        self._buffered()
+        self.direct = False
+        if self.fill:
+            self._flush(self.fill)
+
+    def close(self) -> None:
+        """Leave the fd as it was found (no ``O_DIRECT``) and keep the staging buffer."""
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
+        if self.stage is not None:
+            _STAGES.append(self.stage)
+            self.stage = None
+
+
+_STAGES: list[mmap.mmap] = []  # staging buffers of finished sinks, for the next one
