@@ -21,7 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     gc.set_threshold(100_000)
     from paramctl.cli import main as typer_main
 
-    typer_main(argv)
+    try:
+        typer_main(argv)
+    except SystemExit as exc:  # how it always ends: with the command's exit code
+        if not isinstance(exc.code, int):
+            raise
+        exit_now(exc.code)
 
 
 if __name__ == "__main__":

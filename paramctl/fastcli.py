@@ -288,17 +288,27 @@ def install_signal_handlers() -> None:
 
 
 def exit_now(code: int) -> None:
-    """Exit with ``code`` once the output is out, skipping the interpreter's teardown: a
-    listing holds nothing that needs finalising, and tearing down a hundred modules (and
-    freeing a large listing object by object) is a tenth of a small ``list``'s time. With
-    torch loaded (a module source) its exit handlers run as usual, and so does everything
-    when the output cannot be flushed (the interpreter reports that as it always does)."""
-    if "torch" in sys.modules:
-        sys.exit(code)
+    """Exit with ``code`` once the output is out, skipping the interpreter's teardown.
+
+    Tearing down every module and freeing every object one by one is a tenth of a small
+    ``list``'s time, and 0.4 s after torch was imported (``python -c "import torch"``:
+    1.28 s; with this: 0.86 s). Nothing paramctl holds needs it: its files are written,
+    fsynced and closed by then. The exit handlers still run (``atexit``: torch's,
+    logging's, multiprocessing's); the teardown is kept when the output cannot be flushed
+    (the interpreter reports that as it always does) or a non-daemon thread still runs.
+    """
+    import atexit
+
     try:
+        atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
     except BaseException:
+        sys.exit(code)
+    threading = sys.modules.get("threading")
+    if threading is not None and any(
+            t is not threading.main_thread() and not t.daemon and t.is_alive()
+            for t in threading.enumerate()):
         sys.exit(code)
     os._exit(code)
 
