@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_error_line, run_cli, sha
+from helpers import folder_state, one_error_line, run_cli, sha
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -216,3 +216,130 @@ def test_apply_rules_file_with_convert_steps(ddp_ckpt: tuple[Path, Net, dict],
     assert "head.bias" not in by and "encoder.0.weight" in by
     assert by["encoder.0.weight"]["requires_grad"] is False
     assert by["head.weight"]["requires_grad"] is False  # was frozen before, still is
+
+
+@pytest.fixture
+def sharded_llama(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A transformers Llama saved in 6 safetensors shards (tied embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=True)
+    torch.manual_seed(8)
+    model = LlamaForCausalLM(cfg)
+    folder = tmp_path / "llama"
+    model.save_pretrained(folder, max_shard_size="40KB")
+    assert len(list(folder.glob("model-*.safetensors"))) >= 3
+    return folder, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _load_bf16(folder: Path) -> dict[str, torch.Tensor]:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).state_dict()
+
+
+def test_sharded_cast_to_a_new_folder_keeps_the_shards(
+        sharded_llama: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path) -> None:
+    src, state = sharded_llama
+    out = tmp_path / "bf16"
+    res = run_cli("convert", src, "--cast", "bf16", "-o", out)
+    assert res.returncode == 0, res.stderr
+    old = json.loads((src / "model.safetensors.index.json").read_text())
+    new = json.loads((out / "model.safetensors.index.json").read_text())
+    assert new["weight_map"] == old["weight_map"]  # every tensor in the shard it was in
+    for shard in set(new["weight_map"].values()):
+        with safe_open(out / shard, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
+    assert new["metadata"]["total_size"] == old["metadata"]["total_size"] // 2
+    for f in ("config.json", "generation_config.json"):
+        shutil.copy(src / f, out / f)
+    for name, t in _load_bf16(out).items():
+        assert torch.equal(t, state[name].to(torch.bfloat16)), name
+
+
+def test_sharded_cast_in_place(sharded_llama: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    src, state = sharded_llama
+    before = json.loads((src / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in src.glob("model-*.safetensors"))
+    res = run_cli("convert", src, "--cast", "bfloat16", "--no-cast", "*norm*", "-q")
+    assert res.returncode == 0, res.stderr
+    after = json.loads((src / "model.safetensors.index.json").read_text())
+    assert after["weight_map"] == before["weight_map"]
+    assert sorted(p.name for p in src.glob("model-*.safetensors")) == shards
+    assert not [p for p in src.iterdir() if ".paramctl-" in p.name]
+    for name, t in _load_bf16(src).items():
+        assert torch.equal(t, state[name].to(torch.bfloat16)), name
+    listed = json.loads(run_cli("list", src, "-f", "json").stdout)["parameters"]
+    dtypes = {p["name"]: p["dtype"] for p in listed}
+    assert {d for n, d in dtypes.items() if "norm" in n} == {"float32"}
+    assert {d for n, d in dtypes.items() if "norm" not in n} == {"bfloat16"}
+
+
+def test_sharded_rename_keep_and_refusals(
+        sharded_llama: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path) -> None:
+    src, state = sharded_llama
+    stamp = folder_state(src)
+    # Renaming in place would move names across files non-atomically: refused, untouched.
+    res = run_cli("convert", src, "--rename", "model.=backbone.")
+    assert res.returncode == 2
+    assert "-o NEW_FOLDER" in one_error_line(res)
+    assert folder_state(src) == stamp
+    out = tmp_path / "renamed"
+    res = run_cli("convert", src, "--rename", "model.=backbone.", "-o", out, "-q")
+    assert res.returncode == 0, res.stderr
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    stored = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert list(index["weight_map"]) == ["backbone." + k.removeprefix("model.")
+                                         if k.startswith("model.") else k for k in stored]
+    for name, shard in index["weight_map"].items():
+        assert name in load_file(out / shard)
+    # Keeping one layer empties some shards: the rest are numbered afresh.
+    kept = tmp_path / "layer0"
+    res = run_cli("convert", src, "--keep", "model.layers.0.*", "-o", kept, "-q")
+    assert res.returncode == 0, res.stderr
+    index = json.loads((kept / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    n = len(files)
+    assert files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert sorted(p.name for p in kept.glob("*.safetensors")) == files
+    got = {k: v for f in files for k, v in load_file(kept / f).items()}
+    assert set(got) == {k for k in state if k.startswith("model.layers.0.")}
+    for k, v in got.items():
+        assert torch.equal(v, state[k]), k
+    assert folder_state(src) == stamp
+
+
+def test_sharded_bin_converts_to_safetensors_shards(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(2)
+    model = BertModel(cfg)
+    src = tmp_path / "bin"
+    model.save_pretrained(src)  # for its config; the shards are written as transformers 4 did
+    (src / "model.safetensors").unlink()
+    names = list(model.state_dict())
+    thirds = [names[i::3] for i in range(3)]
+    weight_map = {}
+    for i, part in enumerate(thirds, start=1):
+        shard = f"pytorch_model-{i:05d}-of-00003.bin"
+        torch.save({k: model.state_dict()[k] for k in part}, src / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    out = tmp_path / "st"
+    res = run_cli("convert", src, "-o", out, "-q")
+    assert res.returncode == 0, res.stderr
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert all(f.endswith(".safetensors") for f in files) and len(files) >= 2
+    shutil.copy(src / "config.json", out / "config.json")
+    again = BertModel.from_pretrained(out)
+    for name, t in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], t), name
+    res = run_cli("convert", src, "--cast", "bf16")  # in place: .bin shards cannot stay
+    assert res.returncode == 2 and "-o NEW_FOLDER" in one_error_line(res)

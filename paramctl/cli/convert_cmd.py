@@ -37,6 +37,7 @@ Examples:
   paramctl convert ckpt.pt --keep blocks --rename 'blocks.=layers.' -o layers.safetensors
   paramctl convert model.safetensors --drop 'lm_head' --dry-run
   paramctl convert model.safetensors -o shards/ --max-shard-size 2GB
+  paramctl convert llama/ --cast bfloat16 -o llama-bf16/
 """
 
 Repeat = list[str] | None
@@ -45,8 +46,9 @@ Repeat = list[str] | None
 def convert_command(
     source: SourceArg,
     output: Annotated[Path | None, typer.Option(
-        "-o", "--output", help="Write here (.pt, .safetensors, or a folder with "
-        "--max-shard-size) instead of replacing SOURCE.")] = None,
+        "-o", "--output", help="Write here (.pt, .safetensors, or a folder: sharded "
+        "safetensors, split by --max-shard-size or as a sharded SOURCE was) instead of "
+        "replacing SOURCE.")] = None,
     keep: Annotated[Repeat, typer.Option(
         "--keep", help="Keep only what matches (repeatable; applied first).")] = None,
     drop: Annotated[Repeat, typer.Option(

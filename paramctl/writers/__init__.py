@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from paramctl.errors import OperationError, UsageError
-from paramctl.formats import FROZEN_KEY, PT_EXTENSIONS
+from paramctl.formats import FROZEN_KEY, INDEX_SUFFIX, PT_EXTENSIONS
 from paramctl.io.files import FdPool, check_rewritable, lock_wait, locked
 from paramctl.model import FLOAT_DTYPES, Edit, TensorRecord
 from paramctl.writers.base import Progress, edited, source_gone
@@ -206,13 +206,24 @@ def _write_converted(source: Any, make: Callable[[list[TensorRecord]], list[Tens
                      progress: Progress | None) -> Path:
     fmt = source.format
     kind = output_kind(out) if out is not None else _NATIVE[fmt]
+    # A sharded source written as a folder without --max-shard-size keeps its shards.
+    layout: dict[str, str] | None = None
     if kind == "folder" and max_shard_size is None:
-        if out is None:
-            raise UsageError(f"{source.display} is a folder: converting it in place is not "
-                             "supported; write a new one with -o NEW_FOLDER "
-                             "--max-shard-size SIZE, or one file with -o OUT.safetensors")
-        raise UsageError(f"-o {out} is a folder: pass --max-shard-size (e.g. 5GB) to write "
-                         "sharded safetensors")
+        if fmt not in ("safetensors-sharded", "pt-sharded"):  # DCP: no layout to keep
+            if out is None:
+                raise UsageError(f"{source.display} is a folder: converting it in place is "
+                                 "not supported; write a new one with -o NEW_FOLDER "
+                                 "--max-shard-size SIZE, or one file with -o OUT.safetensors")
+            raise UsageError(f"-o {out} is a folder: pass --max-shard-size (e.g. 5GB) to "
+                             "write sharded safetensors")
+        moved = drops or any(old != new for old, new in renames.items())
+        if out is None and (fmt != "safetensors-sharded" or moved):
+            what = "renaming or dropping tensors of" if moved else "converting"
+            raise UsageError(
+                f"{what} {source.display} in place cannot be done atomically (the index "
+                "and the shards would change together); write a new folder with "
+                "-o NEW_FOLDER (or one file with -o OUT.safetensors)")
+        layout = source.weight_map
     if getattr(source, "legacy", False):
         _check_legacy(source, out)
     elif fmt == "pt" and kind == "pt" and not source.unsafe and not (casts and source.plain):
@@ -232,10 +243,12 @@ def _write_converted(source: Any, make: Callable[[list[TensorRecord]], list[Tens
             f"format stores only tensors, so the rest would be lost. Pass --key {path} to "
             "convert just the weights")
     in_place = out is None
-    target = out if out is not None else source.path
+    target = out if out is not None else (source.folder if layout else source.path)
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(FdPool())
-        if in_place:
+        if in_place and layout is not None:
+            stack.enter_context(locked(source.index_path))
+        elif in_place:
             fd = stack.enter_context(locked(source.path, expect=source.identity))
             if fd is None:
                 raise source_gone(source.display)
@@ -256,5 +269,13 @@ def _write_converted(source: Any, make: Callable[[list[TensorRecord]], list[Tens
             return write_pt(target, records, progress)
         from paramctl.writers.sharded import write_sharded
 
-        assert max_shard_size is not None
+        if layout is not None:
+            old_name = {new: old for old, new in renames.items()}
+            shard_of = {r.name: layout[old_name.get(r.name, r.name)] for r in records}
+            index_name = (source.index_path.name if fmt == "safetensors-sharded"
+                          else f"model{INDEX_SUFFIX}")
+            # The shards keep their names when they are all safetensors files, all kept.
+            same = fmt == "safetensors-sharded" and set(shard_of.values()) == set(layout.values())
+            return write_sharded(target, records, None, meta, progress, shard_of=shard_of,
+                                 keep_names=same, in_place=in_place, index_name=index_name)
         return write_sharded(target, records, max_shard_size, meta, progress)
