@@ -185,3 +185,67 @@ def headers(draw: st.DrawFn) -> tuple[str, int]:
 def test_random_headers(header: tuple[str, int], slack: int) -> None:
     raw, size = header
     both(raw.encode(), b"\0" * max(0, size + slack))
+
+
+# -- splice_metadata: a flags-only rewrite keeps every entry's text ----------------------------
+def _file_of(header_text: str, data: bytes) -> bytes:
+    body = header_text.encode()
+    return struct.pack("<Q", len(body)) + body + data
+
+
+def _saved(tmp: Any, metadata: dict[str, str] | None) -> bytes:
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp / "m.safetensors"
+    save_file({"b.weight": torch.ones(3), "a.weight": torch.zeros(2, 2, dtype=torch.bfloat16),
+               "é": torch.arange(4)}, str(path), metadata=metadata)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("before", [None, {"format": "pt"}, {"format": "pt", "x": "1"}])
+@pytest.mark.parametrize("after", [{}, {"format": "pt"}, {"paramctl.frozen": '["a.weight"]'}])
+def test_splice_metadata_of_a_safetensors_file(tmp_path: Any, before: dict[str, str] | None,
+                                               after: dict[str, str]) -> None:
+    import torch
+    from safetensors.torch import load
+
+    from paramctl.formats.safetensors import splice_metadata
+
+    blob = _saved(tmp_path, before)
+    header = read_header(BytesReader(blob))
+    new = splice_metadata(header, after)
+    assert new is not None and len(new) % 8 == 0
+    out = new + blob[header.data_start:]
+    again = read_header(BytesReader(out))
+    assert again.metadata == after
+    assert again.tensors == header.tensors
+    # every entry's text is kept: only the __metadata__ member differs
+    old_doc, new_doc = json.loads(header.raw), json.loads(again.raw)
+    old_doc.pop("__metadata__", None)
+    new_doc.pop("__metadata__", None)
+    assert list(old_doc.items()) == list(new_doc.items())
+    tensors = load(out)  # and safetensors itself reads it
+    assert torch.equal(tensors["é"], torch.arange(4))
+
+
+def test_splice_metadata_refuses_what_is_not_a_plain_splice() -> None:
+    from paramctl.formats.safetensors import splice_metadata
+
+    entry = '"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    later = read_header(BytesReader(_file_of('{' + entry + ',"__metadata__":{"k":"v"}}',
+                                             b"\0" * 4)))
+    assert later.metadata == {"k": "v"}
+    assert splice_metadata(later, {}) is None  # __metadata__ not first
+    gap = read_header(BytesReader(_file_of(
+        '{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', b"\0" * 8)))
+    assert splice_metadata(gap, {"k": "v"}) is None  # the data does not start at 0
+    empty = read_header(BytesReader(_file_of("{}  ", b"")))
+    spliced = splice_metadata(empty, {"k": "v"})
+    assert spliced is not None
+    assert read_header(BytesReader(spliced)).metadata == {"k": "v"}
+    spaced = read_header(BytesReader(_file_of(
+        ' { "__metadata__" : {"k": "v"} , ' + entry + ' }   ', b"\0" * 4)))
+    spliced = splice_metadata(spaced, {"f": "1"})
+    assert spliced is not None
+    assert read_header(BytesReader(spliced + b"\0" * 4)).metadata == {"f": "1"}

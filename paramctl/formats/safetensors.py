@@ -31,6 +31,7 @@ __all__ = [
     "frozen_metadata",
     "header_records",
     "read_header",
+    "splice_metadata",
 ]
 
 MAX_HEADER_BYTES = 100_000_000
@@ -307,6 +308,66 @@ def encode_header(tensors: list[TensorEntry], metadata: dict[str, str]) -> bytes
     body = text.encode("utf-8")
     body += b" " * ((-len(body)) % 8)
     return struct.pack("<Q", len(body)) + body
+
+
+_WS = " \t\n\r"
+
+
+def splice_metadata(header: Header, metadata: dict[str, str]) -> bytes | None:
+    """``header`` (with its 8-byte length) with ``__metadata__`` set to ``metadata``
+    (left out when empty) and every tensor entry kept byte for byte, space-padded to a
+    multiple of 8: a flags-only rewrite, without re-encoding 100,000 entries.
+
+    ``None`` when this cannot be a plain splice: ``__metadata__`` is not the first member
+    (safetensors and paramctl write it first), or the data section is not the tensors laid
+    end to end (a rewrite then compacts it, which moves offsets).
+    """
+    spans = sorted((e.begin, e.end) for e in header.tensors)
+    ends = [0, *(end for _, end in spans)]
+    if ends[-1] != header.data_size or any(
+            begin != end for (begin, _), end in zip(spans, ends, strict=False)):
+        return None
+    text = header.raw.decode("utf-8")
+    i = _skip(text, 0)
+    if text[i:i + 1] != "{":
+        return None
+    i = _skip(text, i + 1)
+    key = '"__metadata__"'
+    if text.startswith(key, i):
+        j = _skip(text, i + len(key))
+        if text[j:j + 1] != ":":
+            return None
+        try:
+            _, end = json.JSONDecoder().raw_decode(text, _skip(text, j + 1))
+        except ValueError:
+            return None
+        end = _skip(text, end)
+        if text[end:end + 1] == ",":
+            end += 1
+        elif text[end:end + 1] != "}":
+            return None
+        rest = text[end:]
+    elif key in text:
+        return None
+    else:
+        rest = text[i:]
+    rest = rest.strip(_WS)
+    head = ""
+    if metadata:
+        head = '"__metadata__":' + json.dumps(metadata, separators=(",", ":"),
+                                             ensure_ascii=False)
+        if rest != "}":
+            head += ","
+    body = ("{" + head + rest).encode("utf-8")
+    body += b" " * ((-len(body)) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+def _skip(text: str, i: int) -> int:
+    """The first index from ``i`` that is not JSON whitespace."""
+    while text[i:i + 1] and text[i] in _WS:
+        i += 1
+    return i
 
 
 def frozen_metadata(metadata: dict[str, str], frozen: set[str]) -> dict[str, str]:

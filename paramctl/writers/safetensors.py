@@ -15,6 +15,7 @@ from paramctl.formats.safetensors import (
     encode_header,
     frozen_metadata,
     header_records,
+    splice_metadata,
 )
 from paramctl.io.files import (
     FileIdentity,
@@ -232,6 +233,15 @@ def rewrite_file(path: Path, header: Header, identity: FileIdentity | None, edit
     with locked(path, expect=identity) as fd:
         if fd is None:
             raise source_gone(display or str(path))
+        if not edit.init:  # flags only: a new header before the same data section
+            meta = frozen_metadata(base_meta, frozen)
+            new = (len(header.raw).to_bytes(8, "little") + header.raw
+                   if meta == header.metadata else splice_metadata(header, meta))
+            if new is not None:
+                with atomic_write(target, mode_from=path) as fh:
+                    write_all(fh.fileno(), new)
+                    copy_range(fd, fh.fileno(), header.data_start, header.data_size, progress)
+                return target
         records = edited(header_records(fd, header, header.frozen), edit, frozen)
         return write_safetensors(target, records, base_meta, progress, keep=header,
                                  mode_from=path)
