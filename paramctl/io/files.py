@@ -14,17 +14,18 @@ import contextvars
 import errno
 import fcntl
 import itertools
-import mmap
 import os
-import queue
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from paramctl.errors import WriteError
+
+if TYPE_CHECKING:  # imported where used: `list` needs none of them (start-up time)
+    import mmap
+    import threading
 
 __all__ = [
     "TEMP_MARK",
@@ -681,6 +682,9 @@ def read_ahead(fd: int, offset: int, length: int, what: str, *, step: int = 4 <<
     if length <= step:  # one piece: no thread
         yield memoryview(read_exact(fd, length, offset, what))
         return
+    import queue
+    import threading
+
     buffers = _spare_buffers(step, depth + 1)
     free: queue.Queue[int] = queue.Queue()
     ready: queue.Queue[tuple[int, int] | BaseException | object] = queue.Queue()
@@ -758,6 +762,9 @@ def write_pieces(fd: int, pieces: Iterable[bytes | bytearray | memoryview], *,
     pieces the iterator may be asked for while an earlier piece is still being written
     (its pieces may be reused buffers). An error on either side stops both and is raised.
     """
+    import queue
+    import threading
+
     slots = threading.Semaphore(hold + 1)
     todo: queue.Queue[bytes | bytearray | memoryview | object] = queue.Queue()
     failed: list[BaseException] = []
@@ -826,6 +833,9 @@ class _Sink:
     """
 
     def __init__(self, fd: int) -> None:
+        import mmap
+
+        self.mmap = mmap.mmap
         self.fd = fd
         self.pos = os.lseek(fd, 0, os.SEEK_CUR)
         self.flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -842,9 +852,9 @@ class _Sink:
             data = data[head:]
         while data and self.direct:
             if self.stage is None:
-                self.stage = _STAGES.pop() if _STAGES else mmap.mmap(-1, _STAGE)
+                self.stage = _STAGES.pop() if _STAGES else self.mmap(-1, _STAGE)
                 if len(self.stage) != _STAGE:  # kept from before a change of _STAGE
-                    self.stage = mmap.mmap(-1, _STAGE)
+                    self.stage = self.mmap(-1, _STAGE)
             take = min(len(data), _STAGE - self.fill)
             self.stage[self.fill:self.fill + take] = data[:take]
             self.fill += take
