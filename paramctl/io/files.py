@@ -878,9 +878,9 @@ class _Sink:
                     fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags | os.O_DIRECT)
                     write_all(self.fd, view[:n])
                 except OSError as exc:
-                    if exc.errno != errno.EINVAL:
+                    if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                         raise
-                    # Not on this filesystem (tmpfs, some FUSE): the page cache, from here.
+                    # Not on this filesystem (some FUSE, old tmpfs): the page cache from here.
                     self.direct = False
                     self._buffered()
                     write_all(self.fd, view[:n])
