@@ -191,6 +191,39 @@ def test_sigint_during_rewrite_cleans_up(fmt: str, big: dict[str, Big], tmp_path
         assert stderr.splitlines() == ["error: interrupted"], stderr
 
 
+def test_sigint_during_streamed_cast_cleans_up(tmp_path: Path) -> None:
+    """Ctrl-C while the reader, cast and writer threads of convert --cast run: exit 130,
+    one line, the original intact, no temporary file, no thread left to hang the exit."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    pristine = tmp_path / "pristine.safetensors"
+    save_file({f"w{i}": torch.randn(4096, 4096, generator=g).to(torch.bfloat16)
+               for i in range(6)}, str(pristine))  # 192 MiB of bf16, 384 MiB cast
+    original = digest(pristine)
+    target = tmp_path / "model.safetensors"
+    interrupted = 0
+    for delay in (0.0, 0.05, 0.15):
+        _fresh(target, pristine)
+        proc = subprocess.Popen(paramctl("convert", target, "--cast", "float32", "-q"),
+                                cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        while proc.poll() is None and not [t for t in temps(tmp_path) if "model" in t]:
+            time.sleep(0.002)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        if proc.returncode == 0:  # finished first
+            continue
+        interrupted += 1
+        assert proc.returncode == 130, stderr
+        assert digest(target) == original
+        assert temps(tmp_path) == []
+        assert stderr.splitlines() == ["error: interrupted"], stderr
+    assert interrupted > 0, "every run finished before the interrupt"
+
+
 # ---------------------------------------------------------------------------------------
 # two writers on one file
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from paramctl.errors import WriteError
+from paramctl.errors import CorruptFileError, WriteError
 
 if TYPE_CHECKING:  # imported where used: `list` needs none of them (start-up time)
     import mmap
@@ -43,6 +43,7 @@ __all__ = [
     "pwrite_all",
     "read_ahead",
     "read_exact",
+    "ready_write_behind",
     "resolve_target",
     "start_prefill",
     "take_prefill",
@@ -386,6 +387,13 @@ def _write_behind(dst: int, end: int) -> None:
         state[1] = end - _WINDOW
 
 
+def ready_write_behind() -> None:
+    """Load what write-back needs (ctypes) now, in the calling thread: call it before
+    starting a thread that copies or writes. An import in a thread can deadlock on the
+    import lock when Ctrl-C interrupts the main thread inside an import of its own."""
+    _sync_file_range()
+
+
 def write_behind(dst: int) -> None:
     """Start writing what is in ``dst`` so far to disk (see :func:`_write_behind`): for
     writers that write bytes they made (a cast), so the final fsync has little left."""
@@ -506,6 +514,7 @@ class Prefill:
         self.size = st.st_size
         self.failed: BaseException | None = None
         self.copied = 0  # bytes at the start of the file copied so far
+        ready_write_behind()
         self._moved = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._copy, name="paramctl-prefill",
@@ -660,8 +669,6 @@ def read_exact(fd: int, n: int, offset: int, what: str) -> bytearray:
     while got < n:
         chunk = os.preadv(fd, [view[got:]], offset + got)
         if chunk == 0:
-            from paramctl.errors import CorruptFileError
-
             raise CorruptFileError(f"truncated data for {what}")
         got += chunk
     return buf
@@ -705,8 +712,6 @@ def read_ahead(fd: int, offset: int, length: int, what: str, *, step: int = 4 <<
                 while got < n:
                     k = os.preadv(fd, [view[got:]], pos + got)
                     if k == 0:
-                        from paramctl.errors import CorruptFileError
-
                         raise CorruptFileError(f"truncated data for {what}")
                     got += k
                 ready.put((slot, n))
@@ -770,8 +775,12 @@ def write_pieces(fd: int, pieces: Iterable[bytes | bytearray | memoryview], *,
     failed: list[BaseException] = []
     written = [0]
 
+    # Everything the writer thread needs is imported here, first: an import in a thread
+    # can deadlock on the import lock when Ctrl-C interrupts the main thread inside one.
+    sink = _Sink(fd)
+    ready_write_behind()
+
     def writer() -> None:
-        sink = _Sink(fd)
         try:
             while (piece := todo.get()) is not _STOP:
                 try:

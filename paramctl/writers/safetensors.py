@@ -25,6 +25,7 @@ from paramctl.io.files import (
     copy_range_at,
     locked,
     pwrite_all,
+    ready_write_behind,
     take_prefill,
     write_all,
     write_pieces,
@@ -203,6 +204,7 @@ def _write_overlapped(fd: int, start: int, records: Sequence[TensorRecord],
         except BaseException as exc:
             failed.append(exc)
 
+    ready_write_behind()
     copier = threading.Thread(target=copy_all, name="paramctl-copy", daemon=True)
     copier.start()
     try:
