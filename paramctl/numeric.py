@@ -724,6 +724,10 @@ def _cast_kernel(src: str, dst: str) -> CastKernel:
         return _cast_bf16_f32
     if src == "float32":
         return _cast_f32_bf16 if dst == "bfloat16" else _cast_f32_f16
+    # The table is built here, in the caller's thread, not by the pool's workers: an
+    # import in a thread (ml_dtypes) can deadlock when Ctrl-C interrupts the main thread
+    # inside an import of its own.
+    _cast_table(src, dst)
     return partial(_cast_table_lookup, src, dst)
 
 
