@@ -763,9 +763,9 @@ def write_pieces(fd: int, pieces: Iterable[bytes | bytearray | memoryview], *,
 
     A background thread writes (``write`` drops the GIL) while the next pieces are made,
     whole aligned blocks with ``O_DIRECT`` where the filesystem takes it (see
-    :class:`_Sink`). ``hold``: how many more
-    pieces the iterator may be asked for while an earlier piece is still being written
-    (its pieces may be reused buffers). An error on either side stops both and is raised.
+    :class:`_Sink`). ``hold``: how many more pieces the iterator may be asked for while an
+    earlier piece is still being written (its pieces may be reused buffers). An error on
+    either side stops both and is raised.
     """
     import queue
     import threading
