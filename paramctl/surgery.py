@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from paramctl.errors import OperationError, UsageError
 from paramctl.io.files import read_ahead
@@ -22,6 +23,9 @@ from paramctl.patterns import select
 from paramctl.rules import Rename, Step, apply_renames, parse_cast, parse_rename
 from paramctl.sources.base import OpenOptions
 from paramctl.view import Prefixes, View, open_view
+
+if TYPE_CHECKING:
+    from paramctl.numeric import CastRing
 
 __all__ = ["ConvertPlan", "ConvertResult", "ConvertRow", "convert", "plan_convert"]
 
@@ -168,10 +172,12 @@ def _source_chunks(record: TensorRecord) -> Iterator[bytes | bytearray | memoryv
     yield from read_ahead(record.fd, record.offset, record.nbytes, repr(record.name), step=step)
 
 
-def _cast_record(record: TensorRecord, row: ConvertRow, allow_overflow: bool
-                 ) -> TensorRecord:
+def _cast_record(record: TensorRecord, row: ConvertRow, allow_overflow: bool,
+                 ring: CastRing) -> TensorRecord:
     """``record`` cast to ``row.new_dtype``: streamed through numpy for the float32 /
-    bfloat16 / float16 pairs (bit for bit what torch gives), through torch otherwise."""
+    bfloat16 / float16 pairs (bit for bit what torch gives), through torch otherwise.
+    ``ring``: the output buffers, shared by every cast of one rewrite (a writer reads
+    their streams as one sequence)."""
     from paramctl import numeric
 
     src, dst = record.dtype, row.new_dtype
@@ -179,7 +185,7 @@ def _cast_record(record: TensorRecord, row: ConvertRow, allow_overflow: bool
     if src in numeric.CASTABLE and dst in numeric.CASTABLE:
         def stream() -> Iterator[bytes | bytearray | memoryview]:
             return numeric.cast_chunks(_source_chunks(record), src, dst, name=record.name,
-                                       allow_overflow=allow_overflow)
+                                       allow_overflow=allow_overflow, ring=ring)
 
         return dataclasses.replace(base, stream=stream,
                                    load=lambda: b"".join(bytes(p) for p in stream()))
@@ -219,13 +225,18 @@ def transform(records: Sequence[TensorRecord], rows: Sequence[ConvertRow],
     """Apply the planned drops, renames and casts to a source's record stream."""
     by_stored = {stored[r.name]: r for r in rows}
     out = []
+    ring = None
     for rec in records:
         row = by_stored[rec.name]
         if row.new_name is None:
             continue
         new = dataclasses.replace(rec, name=row.new_name)
         if row.new_dtype != row.dtype:
-            new = _cast_record(new, row, allow_overflow)
+            if ring is None:
+                from paramctl.numeric import CastRing
+
+                ring = CastRing()
+            new = _cast_record(new, row, allow_overflow, ring)
         out.append(new)
     return out
 

@@ -343,3 +343,26 @@ def test_sharded_bin_converts_to_safetensors_shards(tmp_path: Path) -> None:
         assert torch.equal(again.state_dict()[name], t), name
     res = run_cli("convert", src, "--cast", "bf16")  # in place: .bin shards cannot stay
     assert res.returncode == 2 and "-o NEW_FOLDER" in one_error_line(res)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_streamed_cast_of_many_tensors_in_small_pieces(tmp_path: Path, dtype: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many tensors of many pieces each, read ahead, cast and written on three threads:
+    every byte equals tensor.to() (buffers reused across tensors must never be
+    overwritten while the writer still holds them)."""
+    from paramctl import surgery
+    from paramctl.surgery import ConvertPlan, convert
+
+    monkeypatch.setattr(surgery, "_CAST_STEP", 4096)
+    g = torch.Generator().manual_seed(11)
+    state = {f"t{i:02d}": (torch.randn(1 + 37 * i, 33, generator=g) * 10).bfloat16()
+             for i in range(40)}
+    src = tmp_path / "m.safetensors"
+    save_file(state, str(src))
+    out = tmp_path / "cast.safetensors"
+    convert(str(src), ConvertPlan.parse(cast=dtype), out=out)
+    got = load_file(out)
+    for name, t in state.items():
+        want = t.to(getattr(torch, dtype))
+        assert torch.equal(got[name].view(torch.uint8), want.view(torch.uint8)), name

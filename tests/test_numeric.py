@@ -550,3 +550,29 @@ def test_cast_chunks_reports_overflow_after_the_last_chunk(mode: str) -> None:
     assert len(b"".join(produced)) == len(data) // 2
     with pytest.raises(OperationError, match=r"^emb: 3000 values overflow float16"):
         next(stream)
+
+
+def test_a_shared_ring_keeps_pieces_valid_across_streams(mode: str) -> None:
+    # A writer reads the casts of consecutive tensors as one sequence and may hold
+    # CAST_HOLD pieces across the end of one tensor's stream: the next stream must not
+    # reuse those buffers (a shared ring carries its turn on).
+    from itertools import chain
+
+    from paramctl.numeric import CastRing
+
+    tensors = [ALL_16_BIT[i * 8192:(i + 1) * 8192 + 2 * i] for i in range(5)]
+    expected = b"".join(cast_bytes(t, "bfloat16", "float16", allow_overflow=True)
+                        for t in tensors)
+    ring = CastRing()
+    streams = chain.from_iterable(
+        cast_chunks(fixed_chunks(t, 3000), "bfloat16", "float16", allow_overflow=True,
+                    ring=ring) for t in tensors)
+    held: list[tuple[int, memoryview]] = []
+    pos = 0
+    for piece in streams:
+        view = memoryview(piece)
+        held.append((pos, view))
+        pos += len(view)
+        for start, old in held[-(CAST_HOLD + 1):]:
+            assert bytes(old) == expected[start:start + len(old)]
+    assert pos == len(expected)

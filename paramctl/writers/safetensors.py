@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -84,11 +84,17 @@ def write_safetensors(out: Path, records: Sequence[TensorRecord], metadata: dict
             _write_overlapped(fd, len(header), records, progress)
             return out
         run: list[int] = []  # [src fd, offset, length] of the pending copy
+        streamed: list[TensorRecord] = []  # consecutive streamed records, written as one
 
         def flush() -> None:
             if run:
                 copy_range(run[0], fd, run[1], run[2], progress)
                 run.clear()
+            if streamed:
+                # One writer for the whole run of them: the pipeline does not drain at
+                # every tensor (219 drains cost 0.8 s of a 2.5 GiB cast).
+                write_pieces(fd, _pieces(list(streamed), progress), hold=STREAM_HOLD)
+                streamed.clear()
 
         for r in records:
             if r.load is None and r.fd is not None:
@@ -98,18 +104,32 @@ def write_safetensors(out: Path, records: Sequence[TensorRecord], metadata: dict
                 flush()
                 run.extend((r.fd, r.offset, r.nbytes))
                 continue
-            flush()
             if r.stream is not None:
-                written = write_pieces(fd, r.stream(), hold=STREAM_HOLD)
-                if written != r.nbytes:
-                    raise AssertionError(f"{r.name}: streamed {written} bytes, "
-                                         f"expected {r.nbytes}")
-            else:
-                write_all(fd, record_bytes(r))
+                if run:
+                    flush()
+                streamed.append(r)
+                continue
+            flush()
+            write_all(fd, record_bytes(r))
             if progress is not None:
                 progress(r.nbytes)
         flush()
     return out
+
+
+def _pieces(records: Sequence[TensorRecord], progress: Progress | None
+            ) -> Iterator[bytes | bytearray | memoryview]:
+    """The pieces of every record's stream, in order, each record checked for length."""
+    for r in records:
+        assert r.stream is not None
+        made = 0
+        for piece in r.stream():
+            made += memoryview(piece).nbytes
+            yield piece
+        if made != r.nbytes:
+            raise AssertionError(f"{r.name}: streamed {made} bytes, expected {r.nbytes}")
+        if progress is not None:
+            progress(r.nbytes)
 
 
 class _StalePrefill(Exception):
