@@ -35,7 +35,7 @@ import subprocess
 import sys
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -465,41 +465,40 @@ def _check_read_only(path: Path) -> None:
 
 
 def _check_rewrite(path: Path, fmt: str, workdir: Path, count: int) -> None:
-    """A listed mutant can be frozen to a new file, which lists again, all frozen."""
+    """A listed mutant can be frozen to a new file, which lists again, all frozen; and
+    cast to bfloat16 through the streaming path (read-ahead thread, cast, writer thread;
+    pieces of 96 bytes so the small seeds take it), which lists again."""
     out = workdir / f"out{path.suffix}"
-    out.unlink(missing_ok=True)
-    try:
-        change(str(path), [Step("freeze", patterns=("*",))], out=out, allow_empty=True)
-    except ParamctlError as exc:
-        assert "\n" not in str(exc), repr(str(exc))
-        OUTCOMES[fmt]["listed; freeze refused: " + _outcome(exc)] += 1
-        assert not [p for p in workdir.iterdir() if ".paramctl-" in p.name]
-        return
-    again = inspect(str(out))
-    assert len(again.params) == count
-    assert not any(p.requires_grad for p in again.params)
-    OUTCOMES[fmt]["listed; frozen copy lists again"] += 1
-    _check_cast(path, fmt, workdir, count)
-
-
-def _check_cast(path: Path, fmt: str, workdir: Path, count: int) -> None:
-    """A listed mutant casts to bfloat16 through the streaming path (read-ahead thread,
-    cast, writer thread; pieces of 96 bytes so the small seeds take it), or refuses in
-    one line; nothing is left behind either way."""
-    out = workdir / "cast.safetensors"  # the streaming writer
-    out.unlink(missing_ok=True)
+    if _written(fmt, workdir, out, "freeze", lambda: change(
+            str(path), [Step("freeze", patterns=("*",))], out=out, allow_empty=True)):
+        again = inspect(str(out))
+        assert len(again.params) == count
+        assert not any(p.requires_grad for p in again.params)
+        OUTCOMES[fmt]["listed; frozen copy lists again"] += 1
+    cast = workdir / "cast.safetensors"  # the streaming writer
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(surgery, "_CAST_STEP", 96)
-        try:
-            convert(str(path), ConvertPlan.parse(cast="bfloat16", allow_overflow=True),
-                    out=out, allow_empty=True)
-        except ParamctlError as exc:
-            assert "\n" not in str(exc), repr(str(exc))
-            OUTCOMES[fmt]["listed; cast refused: " + _outcome(exc)] += 1
-            assert not [p for p in workdir.iterdir() if ".paramctl-" in p.name]
-            return
-    assert len(inspect(str(out)).params) == count
-    OUTCOMES[fmt]["listed; bf16 copy lists again"] += 1
+        written = _written(fmt, workdir, cast, "cast", lambda: convert(
+            str(path), ConvertPlan.parse(cast="bfloat16", allow_overflow=True), out=cast,
+            allow_empty=True))
+    if written:
+        assert len(inspect(str(cast)).params) == count
+        OUTCOMES[fmt]["listed; bf16 copy lists again"] += 1
+
+
+def _written(fmt: str, workdir: Path, out: Path, what: str, write: Callable[[], object]
+             ) -> bool:
+    """Run ``write`` to a fresh ``out``: True when it wrote, False when it refused in one
+    line and left nothing behind."""
+    out.unlink(missing_ok=True)
+    try:
+        write()
+    except ParamctlError as exc:
+        assert "\n" not in str(exc), repr(str(exc))
+        OUTCOMES[fmt][f"listed; {what} refused: " + _outcome(exc)] += 1
+        assert not [p for p in workdir.iterdir() if ".paramctl-" in p.name]
+        return False
+    return True
 
 
 @FUZZ_SETTINGS

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -527,20 +528,25 @@ def test_cast_chunks_equals_cast_bytes(cuts: list[int], pair: tuple[str, str],
     assert b"".join(pieces) == cast_bytes(data, src, dst, allow_overflow=True)
 
 
-def test_cast_chunks_pieces_stay_valid_for_cast_hold_more(mode: str) -> None:
-    # A consumer (a background writer) may hold CAST_HOLD pieces while asking for more.
-    data = ALL_16_BIT
-    expected = cast_bytes(data, "bfloat16", "float16", allow_overflow=True)
-    stream = cast_chunks(fixed_chunks(data, 4096), "bfloat16", "float16", allow_overflow=True)
+def assert_held_pieces_stay_valid(pieces: Iterable[Any], expected: bytes) -> None:
+    """Each piece still holds its bytes while CAST_HOLD more are asked for."""
     held: list[tuple[int, memoryview]] = []
     pos = 0
-    for piece in stream:
+    for piece in pieces:
         view = memoryview(piece)
         held.append((pos, view))
         pos += len(view)
         for start, old in held[-(CAST_HOLD + 1):]:
             assert bytes(old) == expected[start:start + len(old)]
     assert pos == len(expected)
+
+
+def test_cast_chunks_pieces_stay_valid_for_cast_hold_more(mode: str) -> None:
+    # A consumer (a background writer) may hold CAST_HOLD pieces while asking for more.
+    data = ALL_16_BIT
+    expected = cast_bytes(data, "bfloat16", "float16", allow_overflow=True)
+    stream = cast_chunks(fixed_chunks(data, 4096), "bfloat16", "float16", allow_overflow=True)
+    assert_held_pieces_stay_valid(stream, expected)
 
 
 def test_cast_chunks_reports_overflow_after_the_last_chunk(mode: str) -> None:
@@ -567,12 +573,4 @@ def test_a_shared_ring_keeps_pieces_valid_across_streams(mode: str) -> None:
     streams = chain.from_iterable(
         cast_chunks(fixed_chunks(t, 3000), "bfloat16", "float16", allow_overflow=True,
                     ring=ring) for t in tensors)
-    held: list[tuple[int, memoryview]] = []
-    pos = 0
-    for piece in streams:
-        view = memoryview(piece)
-        held.append((pos, view))
-        pos += len(view)
-        for start, old in held[-(CAST_HOLD + 1):]:
-            assert bytes(old) == expected[start:start + len(old)]
-    assert pos == len(expected)
+    assert_held_pieces_stay_valid(streams, expected)

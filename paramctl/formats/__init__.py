@@ -6,6 +6,9 @@ without importing each other: ``sources -> formats -> io`` and ``writers -> form
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 __all__ = [
     "BIN_INDEX_SUFFIX",
     "DCP_FROZEN_FILE",
@@ -15,7 +18,7 @@ __all__ = [
     "PT_EXTENSIONS",
     "STORAGE_DTYPES",
     "contiguous_stride",
-    "parse_frozen",
+    "recorded_frozen",
 ]
 
 # Suffixes of torch zip checkpoints written by torch.save.
@@ -62,16 +65,23 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def parse_frozen(raw: object) -> set[str] | None:
-    """The names a recorded frozen list holds (``paramctl.frozen``: a JSON array, or a
-    string holding one), or ``None`` when it is not a list of names."""
+def recorded_frozen(metadata: Mapping[str, Any], where: str) -> set[str]:
+    """The names ``metadata[FROZEN_KEY]`` records (a JSON array, or a string holding one;
+    none when absent), for a safetensors ``__metadata__`` or a shard index's
+    ``metadata``. Anything else is corrupt: the error names ``where`` (the mapping as the
+    file spells it)."""
+    raw = metadata.get(FROZEN_KEY)
+    if raw is None:
+        return set()
     if isinstance(raw, str):
         import json
 
         try:
             raw = json.loads(raw)
         except ValueError:
-            return None
+            raw = None
     if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
-        return None
+        from paramctl.errors import CorruptFileError
+
+        raise CorruptFileError(f"{where}[{FROZEN_KEY!r}] is not a JSON array of names")
     return set(raw)

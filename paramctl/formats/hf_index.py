@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from paramctl.errors import CorruptFileError, SourceError
-from paramctl.formats import FROZEN_KEY, parse_frozen
+from paramctl.formats import FROZEN_KEY, recorded_frozen
 from paramctl.io.reader import open_reader
 
 __all__ = ["MAX_INDEX_BYTES", "find_index", "index_doc", "index_frozen", "read_index",
@@ -69,14 +69,7 @@ def read_index(spec: str) -> dict[str, Any]:
 def index_frozen(index: dict[str, Any], where: object) -> set[str]:
     """The names ``metadata["paramctl.frozen"]`` records (a JSON array, or a string holding
     one); ``where`` names the index in messages."""
-    meta = index.get("metadata") or {}
-    raw = meta.get(FROZEN_KEY)
-    if raw is None:
-        return set()
-    names = parse_frozen(raw)
-    if names is None:
-        raise CorruptFileError(f"{where}: metadata[{FROZEN_KEY!r}] is not a list of names")
-    return names
+    return recorded_frozen(index.get("metadata") or {}, f"{where}: metadata")
 
 
 def index_doc(index: dict[str, Any], frozen: set[str],

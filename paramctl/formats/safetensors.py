@@ -17,7 +17,7 @@ from operator import itemgetter, le, lt, mul, sub
 from typing import Any, NamedTuple, TypeGuard
 
 from paramctl.errors import CorruptFileError
-from paramctl.formats import FROZEN_KEY, parse_frozen
+from paramctl.formats import FROZEN_KEY, recorded_frozen
 from paramctl.io.reader import ByteReader
 from paramctl.model import DTYPE_SIZES, TensorRecord
 
@@ -86,13 +86,7 @@ class Header:
 
     @property
     def frozen(self) -> set[str]:
-        raw = self.metadata.get(FROZEN_KEY)
-        if raw is None:
-            return set()
-        names = parse_frozen(raw)
-        if names is None:
-            raise CorruptFileError(f"__metadata__[{FROZEN_KEY!r}] is not a JSON array of names")
-        return names
+        return recorded_frozen(self.metadata, "__metadata__")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -43,9 +43,9 @@ __all__ = [
     "pwrite_all",
     "read_ahead",
     "read_exact",
-    "ready_write_behind",
     "resolve_target",
     "start_prefill",
+    "start_worker",
     "take_prefill",
     "write_all",
     "write_pieces",
@@ -387,11 +387,17 @@ def _write_behind(dst: int, end: int) -> None:
         state[1] = end - _WINDOW
 
 
-def ready_write_behind() -> None:
-    """Load what write-back needs (ctypes) now, in the calling thread: call it before
-    starting a thread that copies or writes. An import in a thread can deadlock on the
-    import lock when Ctrl-C interrupts the main thread inside an import of its own."""
+def start_worker(target: Callable[[], None], name: str) -> threading.Thread:
+    """Start a daemon thread that reads, copies or writes, with what write-back needs
+    (ctypes) loaded first, here: an import in a thread can deadlock on the import lock
+    when Ctrl-C interrupts the main thread inside an import of its own. Every paramctl
+    worker thread starts here, and imports nothing once started."""
+    import threading
+
     _sync_file_range()
+    thread = threading.Thread(target=target, name=f"paramctl-{name}", daemon=True)
+    thread.start()
+    return thread
 
 
 def write_behind(dst: int) -> None:
@@ -403,37 +409,11 @@ def write_behind(dst: int) -> None:
 
 def copy_range(src: int, dst: int, offset: int, length: int,
                progress: Progress | None = None) -> None:
-    """Copy ``length`` bytes at ``offset`` of fd ``src`` to the current position of ``dst``.
-
-    Uses ``copy_file_range`` (in-kernel, reflinks where the filesystem can), then
-    ``sendfile``, then plain reads, so tensor bytes never pass through Python objects
-    on the fast paths.
-    """
-    remaining = length
-    pos = offset
-    use_cfr = hasattr(os, "copy_file_range")
-    while remaining > 0:
-        step = min(remaining, _WINDOW)
-        n = 0
-        if use_cfr:
-            try:
-                n = os.copy_file_range(src, dst, step, pos)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
-                                     errno.EPERM):
-                    raise
-                use_cfr = False
-                continue
-        else:
-            n = write_all(dst, os.pread(src, min(step, _CHUNK), pos))
-        if n == 0:
-            raise OSError(errno.EIO, f"unexpected end of input at byte {pos}")
-        pos += n
-        remaining -= n
-        with contextlib.suppress(OSError):
-            _write_behind(dst, os.lseek(dst, 0, os.SEEK_CUR))
-        if progress is not None:
-            progress(n)
+    """Copy ``length`` bytes at ``offset`` of fd ``src`` to the current position of ``dst``
+    (which moves past them): :func:`copy_range_at` there."""
+    start = os.lseek(dst, 0, os.SEEK_CUR)
+    copy_range_at(src, dst, offset, length, start, progress)
+    os.lseek(dst, start + length, os.SEEK_SET)
 
 
 def copy_range_at(src: int, dst: int, offset: int, length: int, dst_offset: int,
@@ -441,10 +421,11 @@ def copy_range_at(src: int, dst: int, offset: int, length: int, dst_offset: int,
                   stop: Callable[[], bool] | None = None) -> None:
     """Copy ``length`` bytes at ``offset`` of fd ``src`` to ``dst_offset`` of fd ``dst``,
     leaving both file positions alone (so that another thread may write elsewhere in
-    ``dst``). In-kernel like :func:`copy_range`; it releases the GIL while it copies.
+    ``dst``). Uses ``copy_file_range`` (in-kernel, reflinks where the filesystem can,
+    the GIL released), else plain reads, so tensor bytes never pass through Python
+    objects on the fast path.
     ``stop`` is asked between windows whether to give up (the caller's error). Starts the
-    disk write-back of what it copied, like :func:`copy_range`, so only one thread may
-    call it for a given ``dst``.
+    disk write-back of what it copied, so only one thread may call it for a given ``dst``.
     """
     done = 0
     use_cfr = hasattr(os, "copy_file_range")
@@ -514,12 +495,9 @@ class Prefill:
         self.size = st.st_size
         self.failed: BaseException | None = None
         self.copied = 0  # bytes at the start of the file copied so far
-        ready_write_behind()
         self._moved = threading.Condition()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._copy, name="paramctl-prefill",
-                                        daemon=True)
-        self._thread.start()
+        self._thread = start_worker(self._copy, "prefill")
 
     def _copy(self) -> None:
         def moved(n: int) -> None:
@@ -721,8 +699,7 @@ def read_ahead(fd: int, offset: int, length: int, what: str, *, step: int = 4 <<
             return
         ready.put(_STOP)
 
-    thread = threading.Thread(target=reader, name="paramctl-read-ahead", daemon=True)
-    thread.start()
+    thread = start_worker(reader, "read-ahead")
     held = -1
     try:
         while True:
@@ -775,10 +752,7 @@ def write_pieces(fd: int, pieces: Iterable[bytes | bytearray | memoryview], *,
     failed: list[BaseException] = []
     written = [0]
 
-    # Everything the writer thread needs is imported here, first: an import in a thread
-    # can deadlock on the import lock when Ctrl-C interrupts the main thread inside one.
-    sink = _Sink(fd)
-    ready_write_behind()
+    sink = _Sink(fd)  # here, not in the thread: it imports mmap (see start_worker)
 
     def writer() -> None:
         try:
@@ -797,8 +771,7 @@ def write_pieces(fd: int, pieces: Iterable[bytes | bytearray | memoryview], *,
         finally:
             sink.close()
 
-    thread = threading.Thread(target=writer, name="paramctl-write", daemon=True)
-    thread.start()
+    thread = start_worker(writer, "write")
     try:
         for piece in _throttled(pieces, slots, failed):
             todo.put(piece)

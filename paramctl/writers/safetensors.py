@@ -25,7 +25,7 @@ from paramctl.io.files import (
     copy_range_at,
     locked,
     pwrite_all,
-    ready_write_behind,
+    start_worker,
     take_prefill,
     write_all,
     write_pieces,
@@ -224,9 +224,7 @@ def _write_overlapped(fd: int, start: int, records: Sequence[TensorRecord],
         except BaseException as exc:
             failed.append(exc)
 
-    ready_write_behind()
-    copier = threading.Thread(target=copy_all, name="paramctl-copy", daemon=True)
-    copier.start()
+    copier = start_worker(copy_all, "copy")
     try:
         for r, at in loads:
             if failed:
