@@ -354,17 +354,35 @@ _BEHIND: dict[int, list[int]] = {}
 
 
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    global _SYNC_FILE_RANGE
+    global _SYNC_FILE_RANGE, _FSTATFS
     if _SYNC_FILE_RANGE is None:
         try:
             import ctypes
 
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.sync_file_range
             fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
             _SYNC_FILE_RANGE = fn
+            statfs = libc.fstatfs
+            statfs.argtypes = [ctypes.c_int, ctypes.c_char_p]
+            _FSTATFS = statfs, ctypes.create_string_buffer, ctypes.c_long.from_buffer
         except (OSError, AttributeError):
             _SYNC_FILE_RANGE = False
     return cast("Callable[[int, int, int, int], int] | None", _SYNC_FILE_RANGE or None)
+
+
+_FSTATFS: Any = None  # libc's fstatfs and the ctypes calls it needs, set with the above
+_EXT4_MAGIC = 0xEF53  # f_type of ext2, ext3 and ext4
+
+
+def _on_ext4(fd: int) -> bool:
+    """``fd``'s file is on ext2/3/4, whose ``copy_file_range`` never shares blocks (no
+    reflinks): it copies through the page cache, which :func:`_copy_direct` beats."""
+    if not _sync_file_range() or _FSTATFS is None:
+        return False
+    statfs, new_buffer, long_at = _FSTATFS
+    buffer = new_buffer(256)  # a struct statfs is 120 bytes on 64-bit Linux, f_type first
+    return bool(statfs(fd, buffer) == 0 and long_at(buffer).value == _EXT4_MAGIC)
 
 
 def _write_behind(dst: int, end: int) -> None:
@@ -388,10 +406,12 @@ def _write_behind(dst: int, end: int) -> None:
 
 
 def start_worker(target: Callable[[], None], name: str) -> threading.Thread:
-    """Start a daemon thread that reads, copies or writes, with what write-back needs
-    (ctypes) loaded first, here: an import in a thread can deadlock on the import lock
+    """Start a daemon thread that reads, copies or writes, with what those need (ctypes,
+    mmap, queue) loaded first, here: an import in a thread can deadlock on the import lock
     when Ctrl-C interrupts the main thread inside an import of its own. Every paramctl
     worker thread starts here, and imports nothing once started."""
+    import mmap  # noqa: F401
+    import queue  # noqa: F401
     import threading
 
     _sync_file_range()
@@ -423,10 +443,28 @@ def copy_range_at(src: int, dst: int, offset: int, length: int, dst_offset: int,
     leaving both file positions alone (so that another thread may write elsewhere in
     ``dst``). Uses ``copy_file_range`` (in-kernel, reflinks where the filesystem can,
     the GIL released), else plain reads, so tensor bytes never pass through Python
-    objects on the fast path.
+    objects on the fast path; on ext4, which cannot reflink, large copies write their
+    whole blocks with ``O_DIRECT`` instead (:func:`_copy_direct`).
     ``stop`` is asked between windows whether to give up (the caller's error). Starts the
     disk write-back of what it copied, so only one thread may call it for a given ``dst``.
     """
+    if length >= _DIRECT_MIN and hasattr(os, "O_DIRECT") and _on_ext4(dst):
+        head = min(length, -dst_offset % _ALIGN)  # up to the first aligned output offset
+        _copy_kernel(src, dst, offset, head, dst_offset, progress, stop)
+        body = (length - head) - (length - head) % _ALIGN
+        done = head + _copy_direct(src, dst, offset + head, body, dst_offset + head, progress,
+                                   stop)
+        if stop is not None and stop():
+            return
+        # The unaligned tail, and whatever the direct copy left (refused, or a short write).
+        _copy_kernel(src, dst, offset + done, length - done, dst_offset + done, progress, stop)
+        return
+    _copy_kernel(src, dst, offset, length, dst_offset, progress, stop)
+
+
+def _copy_kernel(src: int, dst: int, offset: int, length: int, dst_offset: int,
+                 progress: Progress | None, stop: Callable[[], bool] | None) -> None:
+    """:func:`copy_range_at` in the kernel (``copy_file_range``), else by plain reads."""
     done = 0
     use_cfr = hasattr(os, "copy_file_range")
     while done < length:
@@ -464,6 +502,106 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> in
         view = view[n:]
         pos += n
     return len(data)
+
+
+# Copies this long or longer go through _copy_direct where it applies: below, a thread and
+# three buffers cost more than they save.
+_DIRECT_MIN = 4 << 20
+_DIRECT_PIECE = 2 << 20  # measured best of 2, 4 and 8 MiB for a 2.5 GiB copy
+_DIRECT_BUFFERS: list[mmap.mmap] = []  # kept from one direct copy to the next
+
+
+def _copy_direct(src: int, dst: int, offset: int, length: int, dst_offset: int,
+                 progress: Progress | None, stop: Callable[[], bool] | None) -> int:
+    """Copy ``[offset, offset + length)`` of ``src`` to ``dst_offset`` of ``dst`` (both
+    ``dst_offset`` and ``length`` multiples of ``_ALIGN``) by reading into page-aligned
+    buffers here and writing them with ``O_DIRECT`` from a second thread; returns how
+    many bytes from the start it copied. Less than ``length`` when ``dst`` refuses direct
+    writes, a write comes back short, or the source ends early: the caller copies the
+    rest the usual way, which also reports a short source.
+
+    Why: ext4's ``copy_file_range`` copies into fresh page-cache pages and writes them
+    back; for the 2.5 GiB reference file that costs 0.8 s of system time and 1.23-1.40 s
+    with the fsync (as does ``cp && sync``). Direct writes skip the page cache: 0.3 s of
+    system time and 0.85-1.0 s. The writes go through a second open file description
+    (``/proc/self/fd``), so ``dst``'s own flags never change under another thread's
+    buffered writes elsewhere in the file. Durability still comes from the fsync of
+    :func:`atomic_write`: it commits the blocks the direct writes allocated.
+    """
+    if length <= 0:
+        return 0
+    try:
+        twin = os.open(f"/proc/self/fd/{dst}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:  # no /proc, or no O_DIRECT here
+        return 0
+    import mmap  # both loaded already when this runs in a worker (see start_worker)
+    import queue
+
+    buffers = [b for b in _DIRECT_BUFFERS[-3:] if len(b) == _DIRECT_PIECE]
+    del _DIRECT_BUFFERS[-3:]
+    buffers += [mmap.mmap(-1, _DIRECT_PIECE) for _ in range(3 - len(buffers))]
+    free: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()  # (buffer, bytes written)
+    todo: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
+    for i in range(len(buffers)):
+        free.put((i, 0))
+    # Why the writer stopped writing: an error, a short write's length, or None when this
+    # side gave up. Every job still comes back through `free`, written or not.
+    stopped: list[BaseException | int | None] = []
+
+    def writer() -> None:
+        while (job := todo.get()) is not None:
+            i, at, n = job
+            written = 0
+            if not stopped:
+                try:
+                    written = os.pwritev(twin, [memoryview(buffers[i])[:n]], at)
+                    if written < n:
+                        stopped.append(written)
+                except BaseException as exc:
+                    stopped.append(exc)
+            free.put((i, written))
+
+    copied = read = jobs = taken = 0
+
+    def settle(written: int) -> None:
+        nonlocal copied
+        copied += written
+        if progress is not None and written:
+            progress(written)
+
+    thread = start_worker(writer, "direct-copy")
+    try:
+        while read < length and not stopped and not (stop is not None and stop()):
+            i, written = free.get()
+            taken += 1
+            settle(written)
+            want = min(_DIRECT_PIECE, length - read)
+            view = memoryview(buffers[i])[:want]
+            got = 0
+            while got < want and (k := os.preadv(src, [view[got:]], offset + read + got)):
+                got += k
+            whole = got - got % _ALIGN
+            if whole:
+                todo.put((i, dst_offset + read, whole))
+                jobs += 1
+                read += whole
+            if got < want:  # the source ended early: the caller's own copy says so
+                break
+    except BaseException:
+        stopped.append(None)
+        raise
+    finally:
+        todo.put(None)
+        for _ in range(jobs - taken + len(buffers)):
+            settle(free.get()[1])
+        thread.join()
+        os.close(twin)
+        _DIRECT_BUFFERS.extend(buffers)
+    why = stopped[0] if stopped else None
+    if isinstance(why, BaseException) and not (
+            isinstance(why, OSError) and why.errno in (errno.EINVAL, errno.EOPNOTSUPP)):
+        raise why  # a full disk, a file size limit, an I/O error: as the kernel copy would
+    return copied
 
 
 class Prefill:

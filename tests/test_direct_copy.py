@@ -1,0 +1,214 @@
+"""copy_range_at's direct path: on ext4, large copies read into page-aligned buffers and
+write whole blocks with O_DIRECT from a second thread (io.files._copy_direct), the
+unaligned ends in the kernel. Real files, fds, threads and kernel errors; the sizes are
+made small by lowering the thresholds, so that many pieces and both ends are exercised."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from paramctl.io import files
+from paramctl.io.files import copy_range, copy_range_at
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def data(n: int) -> bytes:
+    return bytes((i * 13 + i // 509) & 0xFF for i in range(n))
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Direct copies from 64 KiB up, in 16 KiB pieces; returns the (emptied) buffer pool,
+    which a direct copy refills when it ran."""
+    pool: list[object] = []
+    monkeypatch.setattr(files, "_DIRECT_MIN", 64 << 10)
+    monkeypatch.setattr(files, "_DIRECT_PIECE", 16 << 10)
+    monkeypatch.setattr(files, "_DIRECT_BUFFERS", pool)
+    return pool
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
+    blob = data(1_000_003)
+    path = tmp_path / "src"
+    path.write_bytes(blob)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield fd, blob
+    finally:
+        os.close(fd)
+
+
+def on_ext4(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return files._on_ext4(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(("offset", "length", "dst_offset"), [
+    (0, 1_000_003, 0),  # the whole file: aligned start, unaligned end
+    (0, 4096 * 100, 0),  # aligned both ends: no kernel copy at all
+    (7, 999_000, 13),  # unaligned source and destination
+    (5000, 70_000, 4095),  # one byte short of a block, then a short body
+    (123, 65_536, 8192 + 1),
+    (1, 4096 * 40 + 1, 4096 * 3),
+])
+def test_copy_is_exact_and_leaves_the_fd_as_it_was(
+        tmp_path: Path, source: tuple[int, bytes], small_pieces: list[object], offset: int,
+        length: int, dst_offset: int) -> None:
+    src, blob = source
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    moved: list[int] = []
+    try:
+        os.write(fd, b"x" * 10)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        before = threading.active_count()
+        copy_range_at(src, fd, offset, length, dst_offset, moved.append)
+        assert threading.active_count() == before
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) == flags
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 10  # the position is left alone
+        assert os.lseek(src, 0, os.SEEK_CUR) == 0
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    got = out.read_bytes()
+    assert len(got) == dst_offset + length
+    assert got[dst_offset:] == blob[offset:offset + length]
+    assert sum(moved) == length and all(n > 0 for n in moved)
+    if on_ext4(out):
+        assert len(small_pieces) == 3  # the direct path ran, and gave its buffers back
+
+
+def test_copy_range_moves_the_position_past_the_copy(
+        tmp_path: Path, source: tuple[int, bytes], small_pieces: list[object]) -> None:
+    src, blob = source
+    out = tmp_path / "out"
+    with out.open("wb") as fh:
+        fh.write(b"head")
+        fh.flush()
+        copy_range(src, fh.fileno(), 3, 500_000)
+        fh.write(b"tail")
+    assert out.read_bytes() == b"head" + blob[3:500_003] + b"tail"
+
+
+def test_buffered_writes_beside_a_direct_copy(
+        tmp_path: Path, source: tuple[int, bytes], small_pieces: list[object]) -> None:
+    """What an init does: one thread copies the untouched ranges while another writes the
+    new tensors between them through the same fd, sharing pages at the borders."""
+    src, blob = source
+    cuts = [0, 100_001, 100_001 + 777, 600_000, 600_000 + 4096, 1_000_003]
+    spans = list(itertools.pairwise(cuts))
+    copied, written = spans[0::2], spans[1::2]
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        def copy_all() -> None:
+            for begin, end in copied:
+                copy_range_at(src, fd, begin, end - begin, begin)
+
+        thread = threading.Thread(target=copy_all)
+        thread.start()
+        for begin, end in written:
+            os.pwrite(fd, b"N" * (end - begin), begin)
+        thread.join()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    want = bytearray(blob)
+    for begin, end in written:
+        want[begin:end] = b"N" * (end - begin)
+    assert out.read_bytes() == bytes(want)
+
+
+def test_a_short_source_is_the_usual_error(
+        tmp_path: Path, source: tuple[int, bytes], small_pieces: list[object]) -> None:
+    src, blob = source
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    moved: list[int] = []
+    try:
+        with pytest.raises(OSError, match="unexpected end of input at byte 1000003") as info:
+            copy_range_at(src, fd, 0, len(blob) + 300_000, 0, moved.append)
+        assert info.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert sum(moved) == len(blob)
+    assert out.read_bytes() == blob
+
+
+def test_refused_direct_writes_fall_back(
+        tmp_path: Path, source: tuple[int, bytes], small_pieces: list[object],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An alignment the kernel refuses for O_DIRECT (EINVAL), on this real filesystem: the
+    # copy must notice and finish in the kernel, losing nothing.
+    monkeypatch.setattr(files, "_ALIGN", 1000)
+    src, blob = source
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    moved: list[int] = []
+    try:
+        copy_range_at(src, fd, 11, 900_000, 1, moved.append)
+    finally:
+        os.close(fd)
+    assert out.read_bytes()[1:] == blob[11:900_011]
+    assert sum(moved) == 900_000
+
+
+def test_stop_ends_the_copy_early(
+        tmp_path: Path, source: tuple[int, bytes], small_pieces: list[object]) -> None:
+    src, blob = source
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    moved: list[int] = []
+    before = threading.active_count()
+    try:
+        copy_range_at(src, fd, 0, len(blob), 0, moved.append, stop=lambda: len(moved) > 2)
+    finally:
+        os.close(fd)
+    assert 0 < sum(moved) < len(blob)
+    assert threading.active_count() == before
+    got = out.read_bytes()
+    assert got == blob[:len(got)]
+
+
+CHILD = """
+import os, resource, sys
+from paramctl.io import files
+files._DIRECT_MIN, files._DIRECT_PIECE = 64 << 10, 16 << 10
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+src = os.open(sys.argv[1], os.O_RDONLY)
+dst = os.open(sys.argv[2], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+try:
+    files.copy_range_at(src, dst, 0, 1_000_003, 0)
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def test_a_file_size_limit_is_raised_not_hidden(
+        tmp_path: Path, source: tuple[int, bytes]) -> None:
+    """A real EFBIG in the middle of the direct writes (a short write, then a refusal)."""
+    (tmp_path / "src").write_bytes(data(1_000_003))
+    import signal
+
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path / "src"), str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+        preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(errno.EFBIG)
+    assert (tmp_path / "out").stat().st_size <= 300_000
