@@ -422,6 +422,17 @@ def _pip_install(venv: Path, requirement: str) -> subprocess.CompletedProcess[st
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
+def _runs(exe: Path) -> bool:
+    """``EXE --help`` succeeds. A cached peer can stop working: pip leaves out of a
+    share_torch venv what the building interpreter's site-packages already held (ckptkit's
+    CLI needs typer and rich), so when those packages change or go, the peer breaks."""
+    try:
+        done = subprocess.run([str(exe), "--help"], capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
 def install_peer(peer: Peer, peers_dir: Path) -> tuple[Path | None, str]:
     """The peer's command, installed once into its own virtualenv under PEERS_DIR, or
     ``(None, why)`` when that fails (no network, no PyPI): the caller skips its cases."""
@@ -432,7 +443,7 @@ def install_peer(peer: Peer, peers_dir: Path) -> tuple[Path | None, str]:
         peers_dir.mkdir(parents=True, exist_ok=True)
         with open(peers_dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # two harness runs must not build one venv
-            if (venv / ".installed").is_file() and exe.exists():
+            if (venv / ".installed").is_file() and exe.exists() and _runs(exe):
                 return exe, ""
             shutil.rmtree(venv, ignore_errors=True)
             t0 = time.perf_counter()
@@ -446,7 +457,7 @@ def install_peer(peer: Peer, peers_dir: Path) -> tuple[Path | None, str]:
                 site = _venv_site_packages(venv)
                 (site / "_paramctl_bench_shared.pth").write_text("\n".join(paths) + "\n")
             done = _pip_install(venv, peer.requirement)
-            if done.returncode != 0 or not exe.exists():
+            if done.returncode != 0 or not exe.exists() or not _runs(exe):
                 tail = " ".join((done.stderr or done.stdout).split())[-300:]
                 shutil.rmtree(venv, ignore_errors=True)
                 return None, f"pip install {peer.requirement} failed: {tail or 'no output'}"
@@ -935,6 +946,25 @@ def print_growth(results: list[Result]) -> None:
             )
 
 
+def python_startup(scratch: Path) -> float:
+    """Median wall time of starting and stopping this Python (``-I -c pass``, 5 runs)."""
+    runs = [spawn([sys.executable, "-I", "-c", "pass"], scratch / "py.out", scratch / "py.err",
+                  30).seconds for _ in range(5)]
+    return statistics.median(runs)
+
+
+def print_floors(results: list[Result], startup: float) -> None:
+    """Name each ratio target that is shorter than starting Python, measured just now: no
+    Python command can meet it, so its row shows a cost, not a reachable goal."""
+    for r in results:
+        limit = r.case.target_ratio
+        if r.pairs and limit is not None and r.baseline_median * limit < startup:
+            print(f"note: {r.case.name}: {limit} x the baseline is "
+                  f"{r.baseline_median * limit * 1000:.0f} ms, less than starting Python "
+                  f"(`python -I -c pass`: {startup * 1000:.0f} ms here, now); no Python "
+                  "command can meet it")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1038,6 +1068,8 @@ def run_all(args: argparse.Namespace, cache_dir: Path, peers_dir: Path) -> int:
         print_table(results, args.quick)
         print_absolute(results)
         print_growth(results)
+        if not args.quick:
+            print_floors(results, python_startup(work))
         return report_failures(results, args.quick)
     finally:
         if server is not None:
