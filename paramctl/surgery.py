@@ -280,6 +280,10 @@ def convert(spec: str, plan: ConvertPlan, *, out: Path | None = None,
     """
     if plan.empty and out is None and max_shard_size is None:
         raise UsageError("nothing to do: give --keep, --drop, --rename, --cast or -o OUT")
+    if out is not None and not dry_run:
+        from paramctl.writers import output_kind
+
+        output_kind(out)  # a mistyped -o fails before the open, not after
     view = open_view(spec, options, prefix=prefix)
     if view.source.format == "module":
         raise UsageError(f"{spec} is a module path; convert reads checkpoint files (write one "

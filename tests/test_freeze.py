@@ -362,6 +362,22 @@ def test_output_leaves_source_untouched(sample: Callable[[str], Path], tmp_path:
     assert tensor_bytes(out) == tensor_bytes(src)
 
 
+@pytest.mark.parametrize("command", [["freeze", "*"], ["init", "*=zeros"],
+                                     ["convert", "--cast", "float16"]])
+def test_unknown_output_type_is_refused_before_the_source_is_read(
+        tmp_path: Path, cli: CliFn, command: list[str]) -> None:
+    """A mistyped -o is named at once: before reading the source (whose header may take a
+    second), so even a corrupt source gives the -o error, and nothing is written."""
+    src = tmp_path / "bad.safetensors"
+    src.write_bytes(b"\xff" * 64)  # not a safetensors header
+    before = folder_state(tmp_path)
+    res = cli(command[0], src, *command[1:], "-o", tmp_path / "out.st")
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == (f"error: -o {tmp_path / 'out.st'}: unknown output type; use .pt, "
+                          ".safetensors or a folder (sharded safetensors)\n")
+    assert folder_state(tmp_path) == before
+
+
 def test_in_place_keeps_mode(sample: Callable[[str], Path],
                              capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("mlp.pt", "mlp.safetensors"):
