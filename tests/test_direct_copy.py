@@ -212,3 +212,23 @@ def test_a_file_size_limit_is_raised_not_hidden(
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(errno.EFBIG)
     assert (tmp_path / "out").stat().st_size <= 300_000
+
+
+def test_other_filesystems_keep_the_kernel_copy(
+        source: tuple[int, bytes], small_pieces: list[object]) -> None:
+    """tmpfs is not ext4: the copy stays copy_file_range (which reflinks where a filesystem
+    can), and is as exact."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or on_ext4(shm):
+        pytest.skip("no tmpfs at /dev/shm")
+    src, blob = source
+    out = shm / f"paramctl-test-{os.getpid()}"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        assert not files._on_ext4(fd)
+        copy_range_at(src, fd, 5, 900_000, 3)
+        assert os.pread(fd, 900_003, 0)[3:] == blob[5:900_005]
+    finally:
+        os.close(fd)
+        out.unlink()
+    assert small_pieces == []  # no direct copy ran
