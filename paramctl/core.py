@@ -211,9 +211,9 @@ def change(spec: str, steps: Sequence[Step], *, options: OpenOptions | None = No
         raise UsageError("nothing to do: give at least one pattern or rule")
     check_writable(spec, dry_run)
     if out is not None and not dry_run:
-        from paramctl.writers import output_kind
+        from paramctl.writers import check_output_name
 
-        output_kind(out)  # a mistyped -o fails before the open, not after
+        check_output_name(spec, out)  # a mistyped -o fails before the open, not after
     others = [*(p for s in steps for p in s.patterns), *(r.pattern for s in steps
                                                          for r in s.rules)]
     view = _open(spec, options, prefix, others, steps[0].kind)

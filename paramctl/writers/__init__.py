@@ -21,7 +21,8 @@ from paramctl.io.files import FdPool, check_rewritable, lock_wait, locked
 from paramctl.model import FLOAT_DTYPES, Edit, TensorRecord
 from paramctl.writers.base import Progress, edited, source_gone
 
-__all__ = ["check_writable", "output_kind", "write", "write_converted"]
+__all__ = ["check_output_name", "check_writable", "output_kind", "write",
+           "write_converted"]
 
 
 def output_kind(out: Path) -> str:
@@ -34,6 +35,14 @@ def output_kind(out: Path) -> str:
         return "folder"
     raise OperationError(f"-o {out}: unknown output type; use .pt, .safetensors or a folder "
                          "(sharded safetensors)")
+
+
+def check_output_name(spec: str, out: Path) -> None:
+    """Refuse an ``-o`` of no known output type before ``spec`` is opened (reading a large
+    header takes a while) unless it is named like ``spec``: a single-file source then
+    decides the format (see :func:`_same_suffix`), once it is read."""
+    if not (out.suffix and out.suffix.lower() == Path(spec).suffix.lower()):
+        output_kind(out)
 
 
 def check_writable(source: Any) -> None:
