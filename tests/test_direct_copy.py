@@ -232,3 +232,41 @@ def test_other_filesystems_keep_the_kernel_copy(
         os.close(fd)
         out.unlink()
     assert small_pieces == []  # no direct copy ran
+
+
+def test_two_copies_at_once_are_exact(
+        tmp_path: Path, source: tuple[int, bytes], small_pieces: list[object]) -> None:
+    """An init's head-start copy can still run while the writer copies (when it does not
+    take it): two direct copies in one process at once, interleaved as finely as Python
+    allows, are exact, and give back six distinct buffers."""
+    src, blob = source
+    errors: list[BaseException] = []
+
+    def copies(k: int) -> None:
+        try:
+            for i in range(20):
+                out = tmp_path / f"out-{k}-{i}"
+                fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    copy_range_at(src, fd, k, len(blob) - k, 0)
+                finally:
+                    os.close(fd)
+                if out.read_bytes() != blob[k:]:
+                    raise AssertionError(f"copy {k}/{i} differs")
+                out.unlink()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=copies, args=(k,)) for k in (0, 1)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as can be: races show
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    if on_ext4(tmp_path):
+        assert len(small_pieces) == 6 and len({id(b) for b in small_pieces}) == 6

@@ -537,9 +537,14 @@ def _copy_direct(src: int, dst: int, offset: int, length: int, dst_offset: int,
     import mmap  # both loaded already when this runs in a worker (see start_worker)
     import queue
 
-    buffers = [b for b in _DIRECT_BUFFERS[-3:] if len(b) == _DIRECT_PIECE]
-    del _DIRECT_BUFFERS[-3:]
-    buffers += [mmap.mmap(-1, _DIRECT_PIECE) for _ in range(3 - len(buffers))]
+    buffers: list[mmap.mmap] = []
+    while len(buffers) < 3:  # one pop at a time: two copies may run at once (a prefill)
+        try:
+            buffer = _DIRECT_BUFFERS.pop()
+        except IndexError:
+            buffer = mmap.mmap(-1, _DIRECT_PIECE)
+        if len(buffer) == _DIRECT_PIECE:
+            buffers.append(buffer)
     free: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()  # (buffer, bytes written)
     todo: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
     for i in range(len(buffers)):
