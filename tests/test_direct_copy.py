@@ -236,9 +236,9 @@ def test_other_filesystems_keep_the_kernel_copy(
 
 def test_two_copies_at_once_are_exact(
         tmp_path: Path, source: tuple[int, bytes], small_pieces: list[object]) -> None:
-    """An init's head-start copy can still run while the writer copies (when it does not
-    take it): two direct copies in one process at once, interleaved as finely as Python
-    allows, are exact, and give back six distinct buffers."""
+    """Two direct copies in one process at once (no writer does this today: atomic_write
+    stops a head-start copy it does not take), interleaved as finely as Python allows, are
+    exact, and give back six distinct buffers."""
     src, blob = source
     errors: list[BaseException] = []
 

@@ -171,6 +171,38 @@ def test_a_failed_init_leaves_no_head_start_behind(sample: Sample, rule: str) ->
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
+def test_a_head_start_the_writer_cannot_use_is_dropped_before_it_writes(
+        samples_dir: Path, tmp_path: Path) -> None:
+    """A source with bytes after its data section (readers allow them; the output leaves
+    them out) cannot be written over its copy: atomic_write stops and removes the copy
+    before the write begins, so it never competes with the write (nor runs a second direct
+    copy beside the writer's) until the process exits."""
+    from paramctl.core import change
+    from paramctl.io import files
+    from paramctl.rules import Step, parse_init_rule
+
+    src = tmp_path / "src.safetensors"
+    src.write_bytes((samples_dir / "transformer.safetensors").read_bytes() + b"\0" * 4096)
+    out = tmp_path / "out.safetensors"
+    files.start_prefill(src, out)
+    try:
+        assert len(files._PREFILLS) == 1
+        seen: list[list[str]] = []
+
+        def progress(done: int, total: int) -> None:  # called while the output is written
+            seen.append(sorted(p.name for p in tmp_path.iterdir()))
+
+        step = Step("init", rules=(parse_init_rule("blocks.0.mlp.*=zeros"),))
+        change(str(src), [step], out=out, progress=progress)
+        assert files._PREFILLS == {}
+        head_start = [n for n in seen[0] if n.startswith(".out.safetensors.paramctl-")]
+        assert len(head_start) <= 1  # the writer's own temporary file, and no other
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors",
+                                                              "src.safetensors"]
+    finally:
+        files.discard_all_prefills()
+
+
 def test_prefill_reads_only_plain_init_lines() -> None:
     from paramctl.fastcli import prefill_for_init
     from paramctl.io import files

@@ -538,7 +538,7 @@ def _copy_direct(src: int, dst: int, offset: int, length: int, dst_offset: int,
     import queue
 
     buffers: list[mmap.mmap] = []
-    while len(buffers) < 3:  # one pop at a time: two copies may run at once (a prefill)
+    while len(buffers) < 3:  # one atomic pop at a time, should two copies ever run at once
         try:
             buffer = _DIRECT_BUFFERS.pop()
         except IndexError:
