@@ -270,3 +270,34 @@ def test_two_copies_at_once_are_exact(
     assert errors == []
     if on_ext4(tmp_path):
         assert len(small_pieces) == 6 and len({id(b) for b in small_pieces}) == 6
+
+
+def test_threads_get_the_gil_back_quickly_while_copying(
+        tmp_path: Path, source: tuple[int, bytes], small_pieces: list[object]) -> None:
+    """While a direct copy runs, the switch interval is 0.1 ms (its reader and writer need
+    the GIL between system calls, and a thread busy in Python beside them held it 5 ms at
+    a time); afterwards, and after an error (here the progress callback's), it is what it
+    was, and nothing is left open or running."""
+    if not on_ext4(tmp_path):
+        pytest.skip("the direct path runs on ext4 only")
+    src, blob = source
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        copy_range_at(src, fd, 0, len(blob), 0, lambda n: seen.append(sys.getswitchinterval()))
+        assert sys.getswitchinterval() == before
+
+        def fail(n: int) -> None:
+            raise RuntimeError("the caller's error")
+
+        fds, threads = sorted(os.listdir("/proc/self/fd")), threading.active_count()
+        with pytest.raises(RuntimeError, match="the caller's error"):
+            copy_range_at(src, fd, 0, len(blob), 0, fail)
+        assert sys.getswitchinterval() == before
+        assert sorted(os.listdir("/proc/self/fd")) == fds  # the second description closed
+        assert threading.active_count() == threads
+    finally:
+        os.close(fd)
+    assert any(v == pytest.approx(files._QUICK_SWITCH) for v in seen)

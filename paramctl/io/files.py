@@ -16,6 +16,7 @@ import fcntl
 import itertools
 import os
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -504,6 +505,38 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> in
     return len(data)
 
 
+_QUICK_SWITCH = 1e-4  # seconds: how long a thread that wants the GIL waits at most
+_SWITCH: dict[str, Any] = {"users": 0, "saved": None}  # guarded by its "lock", made on first use
+
+
+@contextlib.contextmanager
+def _quick_handoffs() -> Iterator[None]:
+    """While this runs, a thread that wants the GIL gets it within 0.1 ms, not 5 ms.
+
+    A direct copy's reader and writer each need the GIL for a moment between system
+    calls; with another thread busy in Python (an init's head-start copy runs while torch
+    is imported) each such moment waited for the interpreter's 5 ms switch interval. With
+    a thread spinning in Python beside it, a 2.5 GiB direct copy took 11.3 s instead of
+    0.92 s; with this, 1.2 s. The interval is process-wide: it is set back once the last
+    copy using it ends. Forced switches only happen when a thread is waiting for the GIL.
+    """
+    import threading
+
+    lock = _SWITCH.setdefault("lock", threading.Lock())  # setdefault: atomic
+    with lock:
+        if _SWITCH["users"] == 0:
+            _SWITCH["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_SWITCH["saved"], _QUICK_SWITCH))
+        _SWITCH["users"] += 1
+    try:
+        yield
+    finally:
+        with lock:
+            _SWITCH["users"] -= 1
+            if _SWITCH["users"] == 0:
+                sys.setswitchinterval(_SWITCH["saved"])
+
+
 # Copies this long or longer go through _copy_direct where it applies: below, a thread and
 # three buffers cost more than they save.
 _DIRECT_MIN = 4 << 20
@@ -574,34 +607,35 @@ def _copy_direct(src: int, dst: int, offset: int, length: int, dst_offset: int,
         if progress is not None and written:
             progress(written)
 
-    thread = start_worker(writer, "direct-copy")
-    try:
-        while read < length and not stopped and not (stop is not None and stop()):
-            i, written = free.get()
-            taken += 1
-            settle(written)
-            want = min(_DIRECT_PIECE, length - read)
-            view = memoryview(buffers[i])[:want]
-            got = 0
-            while got < want and (k := os.preadv(src, [view[got:]], offset + read + got)):
-                got += k
-            whole = got - got % _ALIGN
-            if whole:
-                todo.put((i, dst_offset + read, whole))
-                jobs += 1
-                read += whole
-            if got < want:  # the source ended early: the caller's own copy says so
-                break
-    except BaseException:
-        stopped.append(None)
-        raise
-    finally:
-        todo.put(None)
-        for _ in range(jobs - taken + len(buffers)):
-            settle(free.get()[1])
-        thread.join()
-        os.close(twin)
-        _DIRECT_BUFFERS.extend(buffers)
+    with _quick_handoffs():
+        thread = start_worker(writer, "direct-copy")
+        try:
+            while read < length and not stopped and not (stop is not None and stop()):
+                i, written = free.get()
+                taken += 1
+                settle(written)
+                want = min(_DIRECT_PIECE, length - read)
+                view = memoryview(buffers[i])[:want]
+                got = 0
+                while got < want and (k := os.preadv(src, [view[got:]], offset + read + got)):
+                    got += k
+                whole = got - got % _ALIGN
+                if whole:
+                    todo.put((i, dst_offset + read, whole))
+                    jobs += 1
+                    read += whole
+                if got < want:  # the source ended early: the caller's own copy says so
+                    break
+        except BaseException:
+            stopped.append(None)
+            raise
+        finally:
+            todo.put(None)
+            late = sum(free.get()[1] for _ in range(jobs - taken + len(buffers)))
+            thread.join()
+            os.close(twin)
+            _DIRECT_BUFFERS.extend(buffers)
+    settle(late)  # not in `finally`: a progress callback that raises must not skip it
     why = stopped[0] if stopped else None
     if isinstance(why, BaseException) and not (
             isinstance(why, OSError) and why.errno in (errno.EINVAL, errno.EOPNOTSUPP)):
