@@ -5,6 +5,7 @@ made small by lowering the thresholds, so that many pieces and both ends are exe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -34,7 +35,7 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     pool: list[object] = []
     monkeypatch.setattr(files, "_DIRECT_MIN", 64 << 10)
     monkeypatch.setattr(files, "_DIRECT_PIECE", 16 << 10)
-    monkeypatch.setattr(files, "_DIRECT_BUFFERS", pool)
+    monkeypatch.setattr(files, "_ALIGNED", {16 << 10: pool})
     return pool
 
 
@@ -43,19 +44,23 @@ def source(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
     blob = data(1_000_003)
     path = tmp_path / "src"
     path.write_bytes(blob)
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with opened(path, os.O_RDONLY) as fd:
         yield fd, blob
+
+
+@contextlib.contextmanager
+def opened(path: Path, flags: int = os.O_RDWR | os.O_CREAT | os.O_TRUNC) -> Iterator[int]:
+    """An fd of ``path`` (by default a new, empty output), closed afterwards."""
+    fd = os.open(path, flags, 0o600)
+    try:
+        yield fd
     finally:
         os.close(fd)
 
 
 def on_ext4(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with opened(path, os.O_RDONLY) as fd:
         return files._on_ext4(fd)
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize(("offset", "length", "dst_offset"), [
@@ -71,9 +76,8 @@ def test_copy_is_exact_and_leaves_the_fd_as_it_was(
         length: int, dst_offset: int) -> None:
     src, blob = source
     out = tmp_path / "out"
-    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     moved: list[int] = []
-    try:
+    with opened(out) as fd:
         os.write(fd, b"x" * 10)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         before = threading.active_count()
@@ -83,8 +87,6 @@ def test_copy_is_exact_and_leaves_the_fd_as_it_was(
         assert os.lseek(fd, 0, os.SEEK_CUR) == 10  # the position is left alone
         assert os.lseek(src, 0, os.SEEK_CUR) == 0
         os.fsync(fd)
-    finally:
-        os.close(fd)
     got = out.read_bytes()
     assert len(got) == dst_offset + length
     assert got[dst_offset:] == blob[offset:offset + length]
@@ -114,8 +116,7 @@ def test_buffered_writes_beside_a_direct_copy(
     spans = list(itertools.pairwise(cuts))
     copied, written = spans[0::2], spans[1::2]
     out = tmp_path / "out"
-    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
+    with opened(out) as fd:
         def copy_all() -> None:
             for begin, end in copied:
                 copy_range_at(src, fd, begin, end - begin, begin)
@@ -126,8 +127,6 @@ def test_buffered_writes_beside_a_direct_copy(
             os.pwrite(fd, b"N" * (end - begin), begin)
         thread.join()
         os.fsync(fd)
-    finally:
-        os.close(fd)
     want = bytearray(blob)
     for begin, end in written:
         want[begin:end] = b"N" * (end - begin)
@@ -138,14 +137,11 @@ def test_a_short_source_is_the_usual_error(
         tmp_path: Path, source: tuple[int, bytes], small_pieces: list[object]) -> None:
     src, blob = source
     out = tmp_path / "out"
-    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     moved: list[int] = []
-    try:
+    with opened(out) as fd:
         with pytest.raises(OSError, match="unexpected end of input at byte 1000003") as info:
             copy_range_at(src, fd, 0, len(blob) + 300_000, 0, moved.append)
         assert info.value.errno == errno.EIO
-    finally:
-        os.close(fd)
     assert sum(moved) == len(blob)
     assert out.read_bytes() == blob
 
@@ -158,12 +154,9 @@ def test_refused_direct_writes_fall_back(
     monkeypatch.setattr(files, "_ALIGN", 1000)
     src, blob = source
     out = tmp_path / "out"
-    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     moved: list[int] = []
-    try:
+    with opened(out) as fd:
         copy_range_at(src, fd, 11, 900_000, 1, moved.append)
-    finally:
-        os.close(fd)
     assert out.read_bytes()[1:] == blob[11:900_011]
     assert sum(moved) == 900_000
 
@@ -172,13 +165,10 @@ def test_stop_ends_the_copy_early(
         tmp_path: Path, source: tuple[int, bytes], small_pieces: list[object]) -> None:
     src, blob = source
     out = tmp_path / "out"
-    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     moved: list[int] = []
     before = threading.active_count()
-    try:
+    with opened(out) as fd:
         copy_range_at(src, fd, 0, len(blob), 0, moved.append, stop=lambda: len(moved) > 2)
-    finally:
-        os.close(fd)
     assert 0 < sum(moved) < len(blob)
     assert threading.active_count() == before
     got = out.read_bytes()
@@ -223,13 +213,12 @@ def test_other_filesystems_keep_the_kernel_copy(
         pytest.skip("no tmpfs at /dev/shm")
     src, blob = source
     out = shm / f"paramctl-test-{os.getpid()}"
-    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        assert not files._on_ext4(fd)
-        copy_range_at(src, fd, 5, 900_000, 3)
-        assert os.pread(fd, 900_003, 0)[3:] == blob[5:900_005]
+        with opened(out) as fd:
+            assert not files._on_ext4(fd)
+            copy_range_at(src, fd, 5, 900_000, 3)
+            assert os.pread(fd, 900_003, 0)[3:] == blob[5:900_005]
     finally:
-        os.close(fd)
         out.unlink()
     assert small_pieces == []  # no direct copy ran
 
@@ -246,11 +235,8 @@ def test_two_copies_at_once_are_exact(
         try:
             for i in range(20):
                 out = tmp_path / f"out-{k}-{i}"
-                fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
+                with opened(out) as fd:
                     copy_range_at(src, fd, k, len(blob) - k, 0)
-                finally:
-                    os.close(fd)
                 if out.read_bytes() != blob[k:]:
                     raise AssertionError(f"copy {k}/{i} differs")
                 out.unlink()
@@ -284,8 +270,7 @@ def test_threads_get_the_gil_back_quickly_while_copying(
     before = sys.getswitchinterval()
     seen: list[float] = []
     out = tmp_path / "out"
-    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
+    with opened(out) as fd:
         copy_range_at(src, fd, 0, len(blob), 0, lambda n: seen.append(sys.getswitchinterval()))
         assert sys.getswitchinterval() == before
 
@@ -298,6 +283,4 @@ def test_threads_get_the_gil_back_quickly_while_copying(
         assert sys.getswitchinterval() == before
         assert sorted(os.listdir("/proc/self/fd")) == fds  # the second description closed
         assert threading.active_count() == threads
-    finally:
-        os.close(fd)
     assert any(v == pytest.approx(files._QUICK_SWITCH) for v in seen)

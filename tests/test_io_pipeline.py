@@ -140,7 +140,7 @@ def test_write_pieces_falls_back_when_direct_writes_are_refused(
 
     monkeypatch.setattr(files, "_ALIGN", 1000)
     monkeypatch.setattr(files, "_STAGE", 64_000)
-    monkeypatch.setattr(files, "_STAGES", [])
+    monkeypatch.setattr(files, "_ALIGNED", {})
     blob = data(1_000_003)
     out = tmp_path / "o"
     with out.open("wb") as fh:

@@ -455,9 +455,8 @@ def copy_range_at(src: int, dst: int, offset: int, length: int, dst_offset: int,
         body = (length - head) - (length - head) % _ALIGN
         done = head + _copy_direct(src, dst, offset + head, body, dst_offset + head, progress,
                                    stop)
-        if stop is not None and stop():
-            return
-        # The unaligned tail, and whatever the direct copy left (refused, or a short write).
+        # The unaligned tail, and whatever the direct copy left (refused, a short write, or
+        # a stop, which the kernel copy sees too).
         _copy_kernel(src, dst, offset + done, length - done, dst_offset + done, progress, stop)
         return
     _copy_kernel(src, dst, offset, length, dst_offset, progress, stop)
@@ -516,9 +515,10 @@ def _quick_handoffs() -> Iterator[None]:
     A direct copy's reader and writer each need the GIL for a moment between system
     calls; with another thread busy in Python (an init's head-start copy runs while torch
     is imported) each such moment waited for the interpreter's 5 ms switch interval. With
-    a thread spinning in Python beside it, a 2.5 GiB direct copy took 11.3 s instead of
-    0.92 s; with this, 1.2 s. The interval is process-wide: it is set back once the last
-    copy using it ends. Forced switches only happen when a thread is waiting for the GIL.
+    a thread spinning in Python beside it, a 2.5 GiB direct copy took 11.2-11.3 s instead
+    of 0.92-1.31 s; with this, 1.50-1.64 s. The interval is process-wide: it is set back
+    once the last copy using it ends. Forced switches only happen when a thread is waiting
+    for the GIL.
     """
     import threading
 
@@ -541,7 +541,28 @@ def _quick_handoffs() -> Iterator[None]:
 # three buffers cost more than they save.
 _DIRECT_MIN = 4 << 20
 _DIRECT_PIECE = 2 << 20  # measured best of 2, 4 and 8 MiB for a 2.5 GiB copy
-_DIRECT_BUFFERS: list[mmap.mmap] = []  # kept from one direct copy to the next
+# Page-aligned buffers (anonymous mmaps) that finished direct copies and sinks left, by
+# size, for the next ones (fresh pages cost a fault per 4 KiB). Taken and given back one
+# atomic list operation at a time, so two users at once never share one.
+_ALIGNED: dict[int, list[mmap.mmap]] = {}
+
+
+def _aligned_buffers(size: int, count: int) -> list[mmap.mmap]:
+    import mmap  # loaded already when this runs in a worker (see start_worker)
+
+    pool = _ALIGNED.setdefault(size, [])
+    out: list[mmap.mmap] = []
+    for _ in range(count):
+        try:
+            out.append(pool.pop())
+        except IndexError:
+            out.append(mmap.mmap(-1, size))
+    return out
+
+
+def _keep_aligned(buffers: Iterable[mmap.mmap]) -> None:
+    for buffer in buffers:
+        _ALIGNED.setdefault(len(buffer), []).append(buffer)
 
 
 def _copy_direct(src: int, dst: int, offset: int, length: int, dst_offset: int,
@@ -567,17 +588,9 @@ def _copy_direct(src: int, dst: int, offset: int, length: int, dst_offset: int,
         twin = os.open(f"/proc/self/fd/{dst}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError:  # no /proc, or no O_DIRECT here
         return 0
-    import mmap  # both loaded already when this runs in a worker (see start_worker)
-    import queue
+    import queue  # loaded already when this runs in a worker (see start_worker)
 
-    buffers: list[mmap.mmap] = []
-    while len(buffers) < 3:  # one atomic pop at a time, should two copies ever run at once
-        try:
-            buffer = _DIRECT_BUFFERS.pop()
-        except IndexError:
-            buffer = mmap.mmap(-1, _DIRECT_PIECE)
-        if len(buffer) == _DIRECT_PIECE:
-            buffers.append(buffer)
+    buffers = _aligned_buffers(_DIRECT_PIECE, 3)
     free: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()  # (buffer, bytes written)
     todo: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
     for i in range(len(buffers)):
@@ -615,10 +628,7 @@ def _copy_direct(src: int, dst: int, offset: int, length: int, dst_offset: int,
                 taken += 1
                 settle(written)
                 want = min(_DIRECT_PIECE, length - read)
-                view = memoryview(buffers[i])[:want]
-                got = 0
-                while got < want and (k := os.preadv(src, [view[got:]], offset + read + got)):
-                    got += k
+                got = _fill(src, memoryview(buffers[i])[:want], offset + read)
                 whole = got - got % _ALIGN
                 if whole:
                     todo.put((i, dst_offset + read, whole))
@@ -634,7 +644,7 @@ def _copy_direct(src: int, dst: int, offset: int, length: int, dst_offset: int,
             late = sum(free.get()[1] for _ in range(jobs - taken + len(buffers)))
             thread.join()
             os.close(twin)
-            _DIRECT_BUFFERS.extend(buffers)
+            _keep_aligned(buffers)
     settle(late)  # not in `finally`: a progress callback that raises must not skip it
     why = stopped[0] if stopped else None
     if isinstance(why, BaseException) and not (
@@ -819,14 +829,18 @@ class FdPool:
 def read_exact(fd: int, n: int, offset: int, what: str) -> bytearray:
     """``n`` bytes at ``offset``, or a one-line error naming ``what`` when the file is short."""
     buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        chunk = os.preadv(fd, [view[got:]], offset + got)
-        if chunk == 0:
-            raise CorruptFileError(f"truncated data for {what}")
-        got += chunk
+    if _fill(fd, memoryview(buf), offset) < n:
+        raise CorruptFileError(f"truncated data for {what}")
     return buf
+
+
+def _fill(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` from ``offset`` of ``fd`` until it is full or the file ends;
+    returns how many bytes it read."""
+    got = 0
+    while got < len(view) and (k := os.preadv(fd, [view[got:]], offset + got)):
+        got += k
+    return got
 
 
 _STOP = object()
@@ -862,13 +876,8 @@ def read_ahead(fd: int, offset: int, length: int, what: str, *, step: int = 4 <<
                 if stop.is_set():
                     break
                 n = min(step, end - pos)
-                view = memoryview(buffers[slot])[:n]
-                got = 0
-                while got < n:
-                    k = os.preadv(fd, [view[got:]], pos + got)
-                    if k == 0:
-                        raise CorruptFileError(f"truncated data for {what}")
-                    got += k
+                if _fill(fd, memoryview(buffers[slot])[:n], pos) < n:
+                    raise CorruptFileError(f"truncated data for {what}")
                 ready.put((slot, n))
                 pos += n
         except BaseException as exc:  # handed to the consumer, which raises it
@@ -929,7 +938,7 @@ def write_pieces(fd: int, pieces: Iterable[bytes | bytearray | memoryview], *,
     failed: list[BaseException] = []
     written = [0]
 
-    sink = _Sink(fd)  # here, not in the thread: it imports mmap (see start_worker)
+    sink = _Sink(fd)
 
     def writer() -> None:
         try:
@@ -992,9 +1001,6 @@ class _Sink:
     """
 
     def __init__(self, fd: int) -> None:
-        import mmap
-
-        self.mmap = mmap.mmap
         self.fd = fd
         self.pos = os.lseek(fd, 0, os.SEEK_CUR)
         self.flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -1011,9 +1017,7 @@ class _Sink:
             data = data[head:]
         while data and self.direct:
             if self.stage is None:
-                self.stage = _STAGES.pop() if _STAGES else self.mmap(-1, _STAGE)
-                if len(self.stage) != _STAGE:  # kept from before a change of _STAGE
-                    self.stage = self.mmap(-1, _STAGE)
+                (self.stage,) = _aligned_buffers(_STAGE, 1)
             take = min(len(data), _STAGE - self.fill)
             self.stage[self.fill:self.fill + take] = data[:take]
             self.fill += take
@@ -1072,8 +1076,6 @@ class _Sink:
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
         if self.stage is not None:
-            _STAGES.append(self.stage)
+            _keep_aligned([self.stage])
             self.stage = None
 
-
-_STAGES: list[mmap.mmap] = []  # staging buffers of finished sinks, for the next one
